@@ -1,0 +1,171 @@
+"""Prompt datasets (txt/jsonl folders) and the GRPO group sampler (M prompts x K copies, split across ranks)."""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+
+class DataError(ValueError):
+    """One clear line: what is wrong and where (file:line)."""
+
+
+@dataclass
+class Item:
+    prompt: str
+    negative_prompt: str | None = None
+    images: list[str] = field(default_factory=list)  # resolved absolute paths; `image` -> [image]
+    videos: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)  # all other jsonl keys, passed to the rewards
+
+
+def _split_file(dataset: str, split: str) -> str | None:
+    if not os.path.isdir(dataset):
+        raise DataError(f"dataset folder not found: {dataset}")
+    found = [p for p in (os.path.join(dataset, f"{split}.{ext}") for ext in ("txt", "jsonl")) if os.path.isfile(p)]
+    if len(found) == 2:
+        raise DataError(f"both {split}.txt and {split}.jsonl in {dataset}: ambiguous, keep only one")
+    return found[0] if found else None
+
+
+def split_exists(dataset: str, split: str) -> bool:
+    return _split_file(dataset, split) is not None
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def _media(row: dict, one: str, many: str, where: str) -> list[str]:
+    """`image: str` or `images: [str]` (not both) -> list of raw paths."""
+    if one in row and many in row:
+        raise DataError(f"{where}: give '{one}' or '{many}', not both")
+    if one in row:
+        if not _is_str(row[one]):
+            raise DataError(f"{where}: '{one}' must be a non-empty string")
+        return [row[one]]
+    paths = row.get(many, [])
+    if not isinstance(paths, list) or not all(_is_str(p) for p in paths):
+        raise DataError(f"{where}: '{many}' must be a list of strings")
+    return paths
+
+
+def _parse_jsonl_line(line: str, where: str) -> tuple[dict, list[str], list[str]]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if not _is_str(row.get("prompt")):
+        raise DataError(f"{where}: 'prompt' must be a non-empty string")
+    if row.get("negative_prompt") is not None and not isinstance(row["negative_prompt"], str):
+        raise DataError(f"{where}: 'negative_prompt' must be a string")
+    return row, _media(row, "image", "images", where), _media(row, "video", "videos", where)
+
+
+def load_split(dataset: str, split: str = "train", image_dir: str | None = None, video_dir: str | None = None,
+               check_files: bool = True) -> list[Item]:
+    path = _split_file(dataset, split)
+    if path is None:
+        raise DataError(f"no {split}.txt or {split}.jsonl in {dataset}")
+    dirs = {"image": os.path.abspath(image_dir or os.path.join(dataset, "images")),
+            "video": os.path.abspath(video_dir or os.path.join(dataset, "videos"))}
+
+    def resolve(p: str, kind: str, where: str) -> str:
+        p = p if os.path.isabs(p) else os.path.normpath(os.path.join(dirs[kind], p))
+        if check_files and not os.path.isfile(p):
+            raise DataError(f"{where}: {kind} not found: {p}")
+        return p
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    items = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.endswith(".txt"):
+            items.append(Item(prompt=line.strip()))
+            continue
+        where = f"{path}:{n}"
+        row, images, videos = _parse_jsonl_line(line, where)
+        known = ("prompt", "negative_prompt", "image", "images", "video", "videos")
+        items.append(Item(prompt=row["prompt"], negative_prompt=row.get("negative_prompt"),
+                          images=[resolve(p, "image", where) for p in images],
+                          videos=[resolve(p, "video", where) for p in videos],
+                          metadata={k: v for k, v in row.items() if k not in known}))
+    if not items:
+        raise DataError(f"{path} is empty")
+    return items
+
+
+def load_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces the full decode inside the try
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).split())  # keep the message on one line
+        raise DataError(f"cannot read image {path}: {reason}") from None
+
+
+@dataclass
+class EpochPlan:
+    items: list[int]  # dataset indices of all M*K samples of the epoch, in global order (identical on every rank)
+    groups: list[int]  # group id (0..M-1) of each of those samples
+
+    def local(self, rank: int, world: int) -> tuple[list[int], list[int]]:
+        """This rank's contiguous slice, so that gathering in rank order gives back the global order."""
+        if not 0 <= rank < world or len(self.items) % world:
+            raise ValueError(f"cannot split {len(self.items)} samples over world={world} at rank={rank}")
+        n = len(self.items) // world
+        return self.items[rank * n:(rank + 1) * n], self.groups[rank * n:(rank + 1) * n]
+
+
+class GroupSampler:
+    """M prompts x K copies per epoch, the same on every rank (shared seed), shuffled so groups span ranks."""
+
+    def __init__(self, num_items: int, prompts_per_epoch: int, group_size: int, world_size: int,
+                 batch_size: int, seed: int):
+        sizes = dict(num_items=num_items, prompts_per_epoch=prompts_per_epoch, group_size=group_size,
+                     num_processes=world_size, batch_size=batch_size)
+        for name, v in sizes.items():
+            if v < 1:
+                raise DataError(f"{name} must be >= 1, got {v}")
+        M, K, W, B = prompts_per_epoch, group_size, world_size, batch_size
+        if (M * K) % (W * B):
+            unit = W * B // math.gcd(W * B, K)  # valid prompts_per_epoch are the multiples of unit
+            options = [m for m in ((M // unit) * unit, (M // unit + 1) * unit) if m > 0]
+            raise DataError(f"prompts_per_epoch*group_size = {M}*{K} = {M * K} samples must be divisible by "
+                            f"num_processes*batch_size = {W}*{B} = {W * B}; nearest valid prompts_per_epoch: "
+                            + " or ".join(map(str, options)))
+        self.num_items, self.M, self.K, self.W, self.B, self.seed = num_items, M, K, W, B, seed
+        self.num_batches = M * K // (W * B)  # micro-batches per rank per epoch
+
+    def plan(self, epoch: int) -> EpochPlan:
+        # own generator, never the global RNG: every rank (and a resumed run) draws the same plan
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        # concatenated permutations: distinct prompts if M <= N, else every prompt at least once, as even as possible
+        perms = [torch.randperm(self.num_items, generator=g) for _ in range(math.ceil(self.M / self.num_items))]
+        prompts = torch.cat(perms)[:self.M]
+        # shuffle the M*K samples so a group's members land on different ranks/batches
+        groups = torch.arange(self.M).repeat_interleave(self.K)[torch.randperm(self.M * self.K, generator=g)]
+        return EpochPlan(items=prompts[groups].tolist(), groups=groups.tolist())
+
+    def local_batches(self, epoch: int, rank: int) -> list[tuple[list[int], list[int]]]:
+        items, groups = self.plan(epoch).local(rank, self.W)
+        return [(items[i:i + self.B], groups[i:i + self.B]) for i in range(0, len(items), self.B)]
+
+
+def gather_and_slice(values: torch.Tensor, gather_fn, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather every rank's values (rank order = the plan's global order) and return (all, this rank's own slice)."""
+    all_values = gather_fn(values.contiguous())
+    n = values.shape[0]
+    if all_values.shape[0] != n * world:
+        raise ValueError(f"gathered {all_values.shape[0]} values, expected {n}*{world}: ranks must hold equal counts")
+    return all_values, all_values[rank * n:(rank + 1) * n]

@@ -1,0 +1,20 @@
+"""Model registry: `--model NAME` -> adapter class. Imports are lazy so a bad name fails before torch work."""
+import importlib
+
+from common.models.base import Adapter, ModelError
+
+MODELS = {
+    "flux1": "common.models.flux1:Flux1Adapter",
+}
+
+
+def adapter_class(name: str) -> type[Adapter]:
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    module, cls = MODELS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load(name: str, path=None, tiny=False, device="cpu", dtype=None) -> Adapter:
+    import torch
+    return adapter_class(name).load(path, tiny=tiny, device=device, dtype=dtype or torch.float32)

@@ -1,0 +1,117 @@
+"""The adapter interface every model implements (docs: MODELS.md section 2).
+
+An adapter wraps one diffusers pipeline's components and exposes the few operations RL needs, batch
+first: encode prompts once per batch, draw the initial noise, build the pipeline's own sigma schedule,
+predict a velocity (CFG included), decode to images in [0, 1]. `predict` is a pure function of its
+inputs so training can re-run it at stored latents. Sampler math lives in common/sampler.py.
+"""
+import os
+from contextlib import contextmanager
+
+import torch
+
+
+class ModelError(ValueError):
+    """One clear line about a model path, LoRA target or model option."""
+
+
+class Adapter:
+    name = "base"
+    pipeline_cls = None            # diffusers pipeline class (save_lora_weights, from_pretrained)
+    hub_id = None                  # default checkpoint
+    default_target_modules: list[str] = []
+    trainable_components = ("transformer",)
+
+    def __init__(self, pipe, device="cpu", dtype=torch.float32):
+        self.pipe, self.device, self.dtype = pipe, torch.device(device), dtype
+        for comp in pipe.components.values():
+            if isinstance(comp, torch.nn.Module):
+                comp.requires_grad_(False).eval()
+                comp.to(self.device)
+                if comp.dtype != dtype:  # real weights arrive in `dtype` via from_pretrained
+                    comp.to(dtype)
+        self.transformer = pipe.transformer     # replaced by the accelerate-wrapped module for training
+        self.config = pipe.transformer.config   # always the unwrapped config
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path=None, tiny=False, device="cpu", dtype=torch.float32):
+        """tiny: random tiny components built in code; else `path` (hub id or local folder)."""
+        if tiny:
+            return cls(cls.build_tiny(), device, dtype)
+        path = path or cls.hub_id
+        if os.path.sep in str(path) and not os.path.isdir(path):
+            raise ModelError(f"--model-path {path} is not a folder")
+        try:
+            pipe = cls.pipeline_cls.from_pretrained(path, torch_dtype=dtype)
+        except OSError as e:
+            raise ModelError(f"cannot load {cls.name} from {path!r}: {str(e).splitlines()[0]} "
+                             "(pass --model-path to a local copy, or --tiny)") from None
+        return cls(pipe, device, dtype)
+
+    @classmethod
+    def build_tiny(cls):
+        raise NotImplementedError(f"{cls.name} has no tiny build")
+
+    # ---- the RL interface (model-specific) ------------------------------------------------------
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512) -> dict:
+        raise NotImplementedError
+
+    def prepare_noise(self, n, height, width, generator=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def make_state(self, height, width) -> dict:
+        """Static per-resolution inputs (position ids, shapes), shared by every sample of a rollout."""
+        raise NotImplementedError
+
+    def sigmas(self, num_steps, state) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z, state) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- shared helpers -------------------------------------------------------------------------
+    def scheduler_sigmas(self, num_steps, custom_sigmas=None, mu=None) -> torch.Tensor:
+        """The N+1 sigmas the pipeline's own scheduler builds (ALGORITHMS.md decision 1)."""
+        sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)  # fresh, stateless copy
+        kwargs = {"sigmas": custom_sigmas} if custom_sigmas is not None else {}
+        if mu is not None:
+            kwargs["mu"] = mu
+        sched.set_timesteps(num_steps, device="cpu", **kwargs)
+        return sched.sigmas.to(torch.float32)
+
+    @staticmethod
+    def select(cond: dict, index) -> dict:
+        """Rows `index` of every batch-first tensor in a cond dict."""
+        return {k: v[index] if torch.is_tensor(v) else v for k, v in cond.items()}
+
+    def add_lora(self, rank, alpha, target_modules=None, init="gaussian"):
+        """Attach a LoRA adapter; every target must match at least one module (no silent skips)."""
+        from peft import LoraConfig
+        targets = list(target_modules or self.default_target_modules)
+        names = [n for n, _ in self.pipe.transformer.named_modules()]
+        for t in targets:
+            if not any(n == t or n.endswith("." + t) for n in names):
+                raise ModelError(f"LoRA target {t!r} matches no module of the {self.name} transformer")
+        self.pipe.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                                                     init_lora_weights=init))
+        return sum(1 for n, m in self.pipe.transformer.named_modules() if hasattr(m, "lora_A"))
+
+    @contextmanager
+    def lora_disabled(self):
+        """The reference policy for LoRA runs: the same network with adapters off."""
+        self.pipe.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.pipe.transformer.enable_adapters()
+
+    def save_lora(self, out_dir):
+        from peft.utils import get_peft_model_state_dict
+        tr = self.pipe.transformer
+        self.pipeline_cls.save_lora_weights(
+            out_dir, transformer_lora_layers=get_peft_model_state_dict(tr),
+            transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict(), safe_serialization=True)

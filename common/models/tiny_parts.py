@@ -1,0 +1,58 @@
+"""Download-free tiny components shared by the tiny model builds (MODELS.md section 5).
+
+Every interface number of the real models is kept (VAE x8 compression, 16 latent channels, token-id
+conventions); only widths and depths shrink, so the adapters run the same code path as real weights.
+"""
+import string
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+_BYTES = list(bytes_to_unicode().values())  # 256 printable stand-ins, one per byte
+
+
+def clip_tokenizer(max_length=77):
+    # byte-level BPE without merges: one token per byte, '</w>' marks a word end
+    vocab = {c: i for i, c in enumerate(_BYTES)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(_BYTES)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer(max_length=512):
+    # unigram vocab: specials, the word-boundary piece, then printable characters with and without it
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for ch in string.ascii_letters + string.digits + string.punctuation:
+        pieces += [(ch, -3.0), ("\u2581" + ch, -2.5)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def clip_text_encoder(tok, hidden=32, seed=0, cls=CLIPTextModel, **extra):
+    torch.manual_seed(seed)
+    # pooling takes the first eos id, so eos must be the tokenizer's own (513), not CLIP's legacy 2
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                         hidden_act="quick_gelu", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **extra)
+    return cls(cfg).eval()
+
+
+def t5_encoder(tok, d_model=32, seed=0):
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2,
+                   num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    return T5EncoderModel(cfg).eval()
+
+
+def kl_vae_8x(scaling_factor, shift_factor, latent_channels=16, width=8, seed=0):
+    """AutoencoderKL with 4 levels, so vae_scale_factor is 8 as in the real FLUX/SD3 VAEs."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(width,) * 4,
+                         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=64,
+                         use_quant_conv=False, use_post_quant_conv=False, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor).eval()

@@ -1,0 +1,141 @@
+"""Flow-matching sampling: one step of ODE / Flow-SDE / Dance-SDE / CPS with its Gaussian log-prob,
+the SDE window, and a rollout that keeps only the latents training needs.
+
+Conventions (docs: ALGORITHMS.md sections A, B): z_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise,
+velocity v ~ eps - x0, steps go from sigma to sigma_next < sigma. All math runs in float32; the sampled
+latent is rounded to the storage dtype *before* its log-prob is taken, so training, which reloads the
+stored latent, sees exactly the tensor the rollout scored (on-policy ratio == 1).
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+DYNAMICS = ("ODE", "Flow-SDE", "Dance-SDE", "CPS")
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample (B,) or scalar -> (B, 1, ..., 1) for broadcasting against latents."""
+    x = torch.as_tensor(x, dtype=torch.float32, device=like.device)
+    return x.reshape(-1, *([1] * (like.dim() - 1))) if x.dim() == 1 else x
+
+
+def step_mean_std(z, v, sigma, sigma_next, eta, dynamics: str, sigma_1=None):
+    """Mean and std of the Gaussian transition z -> z_next (B.1-B.4).
+
+    sigma, sigma_next, eta: floats or (B,) tensors. sigma_1 is the schedule's second sigma, used by
+    Flow-SDE in place of sigma at the sigma == 1 edge (so the first step's std is exactly eta).
+    Returns (mean, std) with std broadcastable to z; std == 0 for the ODE.
+    """
+    z, v = z.float(), v.float()
+    s, s_next = _bcast(sigma, z), _bcast(sigma_next, z)
+    dt = s_next - s
+    if dynamics == "ODE" or (not torch.is_tensor(eta) and eta == 0):
+        return z + v * dt, torch.zeros_like(s)
+    eta = _bcast(eta, z)
+    if dynamics == "CPS":
+        std = s_next * torch.sin(eta * math.pi / 2)
+        x0_hat, eps_hat = z - s * v, z + (1 - s) * v
+        return (1 - s_next) * x0_hat + s_next * torch.cos(eta * math.pi / 2) * eps_hat, std
+    if dynamics == "Flow-SDE":
+        # g = eta sqrt(sigma / (1 - sigma)); at sigma == 1 the denominator uses 1 - sigma_1 (B.2)
+        denom = 1 - s
+        if sigma_1 is not None:
+            denom = torch.where(s == 1.0, 1 - _bcast(sigma_1, z), denom)
+        g = eta * torch.sqrt(s / denom)
+    elif dynamics == "Dance-SDE":
+        g = eta * torch.ones_like(s)
+    else:
+        raise ValueError(f"unknown dynamics {dynamics!r}; choose from {DYNAMICS}")
+    mean = z + (v + g**2 / (2 * s) * (z + (1 - s) * v)) * dt
+    return mean, g * torch.sqrt(-dt)
+
+
+def gaussian_log_prob(z_next, mean, std, dynamics: str) -> torch.Tensor:
+    """Per-element average log density (B.5), shape (B,). CPS uses its constant-free form."""
+    z_next, mean = z_next.float(), mean.float()
+    dims = tuple(range(1, z_next.dim()))
+    if dynamics == "CPS":
+        return -((z_next - mean) ** 2).mean(dims)
+    std = std.expand_as(z_next) if torch.is_tensor(std) else torch.full_like(z_next, std)
+    lp = -((z_next - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
+    return lp.mean(dims)
+
+
+@dataclass
+class StepOut:
+    next: torch.Tensor      # z_next, fp32 values exactly representable in the storage dtype
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor | None
+
+
+def sde_step(z, v, sigma, sigma_next, eta, dynamics, sigma_1=None, z_next=None, generator=None,
+             storage_dtype=torch.float32) -> StepOut:
+    """One denoising step. With z_next given (training), score it instead of sampling."""
+    mean, std = step_mean_std(z, v, sigma, sigma_next, eta, dynamics, sigma_1)
+    stochastic = dynamics != "ODE" and bool(torch.as_tensor(std).gt(0).any())
+    if z_next is None:
+        z_next = mean
+        if stochastic:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+            z_next = mean + std * noise
+        z_next = z_next.to(storage_dtype).float()  # round trip: what is stored is what is scored
+    log_prob = gaussian_log_prob(z_next.detach(), mean, std, dynamics) if stochastic else None
+    return StepOut(z_next.float(), mean, std, log_prob)
+
+
+def draw_sde_window(num_steps: int, size: int, lo: int, hi: int, seed: int) -> list[int]:
+    """Contiguous window of `size` stochastic steps with a start drawn uniformly in [lo, hi - size]
+    from `seed` alone (same on every rank). size == num_steps with (0, num_steps) = original Flow-GRPO."""
+    hi = min(hi, num_steps)
+    if size <= 0:
+        return []
+    if not 0 <= lo <= hi - size:
+        raise ValueError(f"sde window of {size} steps does not fit range ({lo}, {hi}) of {num_steps} steps")
+    g = torch.Generator().manual_seed(seed)
+    start = lo + int(torch.randint(0, hi - size - lo + 1, (1,), generator=g))
+    return list(range(start, start + size))
+
+
+@dataclass
+class Trajectory:
+    """What a rollout keeps: latents at the positions training needs, per-step log-probs and means."""
+    sigmas: torch.Tensor                                    # (N+1,) fp32 schedule
+    latents: dict[int, torch.Tensor] = field(default_factory=dict)   # position i -> z_i (storage dtype)
+    log_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # step i -> (B,) fp32
+    means: dict[int, torch.Tensor] = field(default_factory=dict)      # step i -> mu_old (GRPO-Guard only)
+    final: torch.Tensor | None = None                       # z_N (fp32)
+
+
+@torch.no_grad()
+def rollout(predict, z, sigmas, sde_steps=(), eta=0.0, dynamics="ODE", keep=None, keep_means=False,
+            generator=None, storage_dtype=torch.float32) -> Trajectory:
+    """Integrate from sigmas[0] to sigmas[-1].
+
+    predict(z, sigma_index) -> velocity (model forward incl. CFG). Steps in `sde_steps` use `dynamics`
+    with noise level `eta`, all others the ODE. `keep`: positions whose latents are stored (default:
+    every i and i+1 of the SDE steps, ALGORITHMS.md B.8).
+    """
+    sde_steps = set(sde_steps)
+    keep = set(keep) if keep is not None else {p for i in sde_steps for p in (i, i + 1)}
+    traj = Trajectory(sigmas=sigmas)
+    z = z.to(storage_dtype).float()
+    sigma_1 = sigmas[1] if len(sigmas) > 1 else None
+    for i in range(len(sigmas) - 1):
+        if i in keep:
+            traj.latents[i] = z.to(storage_dtype)
+        v = predict(z, i)
+        on = i in sde_steps and dynamics != "ODE"
+        out = sde_step(z, v, sigmas[i], sigmas[i + 1], eta if on else 0.0, dynamics if on else "ODE",
+                       sigma_1, generator=generator, storage_dtype=storage_dtype)
+        if on:
+            traj.log_probs[i] = out.log_prob
+            if keep_means:
+                traj.means[i] = out.mean
+        z = out.next
+    if len(sigmas) - 1 in keep:
+        traj.latents[len(sigmas) - 1] = z.to(storage_dtype)
+    traj.final = z
+    return traj

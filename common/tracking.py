@@ -1,0 +1,69 @@
+"""Run outputs: metrics.jsonl (one JSON object per epoch), sample grids, tracker images, timings, memory."""
+import json
+import os
+import resource
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class Timer:
+    """Accumulates wall seconds per phase: `with timer("rollout"): ...`; `timer.pop()` returns and resets."""
+    def __init__(self):
+        self.seconds = {}
+
+    @contextmanager
+    def __call__(self, name):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop(self):
+        out, self.seconds = {f"time/{k}_s": round(v, 3) for k, v in self.seconds.items()}, {}
+        return out
+
+
+def peak_memory_gb(device) -> dict:
+    """Peak accelerator memory since the last call if on GPU, else the process's peak RSS."""
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"memory/peak_gpu_gb": round(peak, 3)}
+    return {"memory/peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def append_jsonl(path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def image_grid(images: torch.Tensor, nrow: int = 4) -> np.ndarray:
+    """(B,3,H,W) or (B,F,3,H,W) floats in [0,1] -> one uint8 HxWx3 grid (videos show their first frame)."""
+    if images.dim() == 5:
+        images = images[:, 0]
+    b, _, h, w = images.shape
+    ncol = min(nrow, b)
+    rows = (b + ncol - 1) // ncol
+    grid = torch.ones(3, rows * h, ncol * w)
+    for i, img in enumerate(images.float().cpu()):
+        r, c = divmod(i, ncol)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def save_samples(accelerator, out_dir, tag, images, captions, step):
+    """Write samples/<tag>.png and a captions file; send the grid to the trackers."""
+    os.makedirs(out_dir, exist_ok=True)
+    grid = image_grid(images)
+    Image.fromarray(grid).save(os.path.join(out_dir, f"{tag}.png"))
+    with open(os.path.join(out_dir, f"{tag}.txt"), "w") as f:
+        f.write("\n".join(captions) + "\n")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(f"samples/{tag.split('_')[0]}", grid, step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+            tracker.log({f"samples/{tag.split('_')[0]}": wandb.Image(grid, caption=" | ".join(captions[:8]))}, step=step)

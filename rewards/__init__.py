@@ -1,0 +1,148 @@
+"""Reward registry and the multi-reward set.
+
+A reward spec is NAME or NAME:WEIGHT (weight defaults to 1.0). NAME is a registry name (case-insensitive)
+or a dotted path package.module.Attr to a custom reward, where Attr is one of:
+  - a class or factory taking no arguments that returns an object with the Reward contract (rewards.base);
+  - a plain function fn(images, prompts, metadata) -> (B,) scores, wrapped as a pointwise Reward.
+An Attr whose signature requires positional arguments is taken as a scoring function, otherwise it is called.
+"""
+import importlib
+import inspect
+import math
+
+import torch
+
+from rewards.base import FunctionReward, Reward, RewardError
+
+__all__ = ["REGISTRY", "Reward", "RewardError", "RewardSet", "parse_spec", "check_specs", "load_rewards"]
+
+REGISTRY = {
+    "jpeg_compressibility": "rewards.jpeg:JpegCompressibility",
+    "jpeg_incompressibility": "rewards.jpeg:JpegIncompressibility",
+    "pickscore": "rewards.pickscore:PickScore",
+    "pickscore_rank": "rewards.pickscore:PickScoreRank",
+    "clip": "rewards.clip_score:ClipScore",
+}
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """'NAME' or 'NAME:WEIGHT' -> (name, weight). Registry names come back lower-cased."""
+    name, weight = spec.strip(), 1.0
+    if ":" in name:
+        head, tail = name.rsplit(":", 1)
+        try:
+            name, weight = head.strip(), float(tail)
+        except ValueError:
+            if "." not in head:  # a registry name: whatever follows the colon must be the weight
+                raise RewardError(f"bad weight {tail!r} in reward spec {spec!r}; expected NAME or NAME:WEIGHT") from None
+        if not math.isfinite(weight):
+            raise RewardError(f"bad weight {tail!r} in reward spec {spec!r}; the weight must be finite")
+    if not name:
+        raise RewardError(f"empty reward name in spec {spec!r}; expected NAME or NAME:WEIGHT")
+    return (name.lower() if name.lower() in REGISTRY else name), weight
+
+
+def _resolve(target: str, name: str):
+    """'pkg.mod:Attr' or 'pkg.mod.Attr' -> the attribute; import errors become RewardError."""
+    module, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # ImportError, or any error raised while importing the user's module
+        raise RewardError(f"reward {name!r}: cannot import module {module!r} ({type(e).__name__}: {e})") from e
+    if not hasattr(mod, attr):
+        raise RewardError(f"reward {name!r}: module {module!r} has no attribute {attr!r}")
+    obj = getattr(mod, attr)
+    if not callable(obj):
+        raise RewardError(f"reward {name!r}: {target} is not callable (expected a Reward class, factory or function)")
+    return obj
+
+
+def check_specs(specs: list[str]) -> None:
+    """Validate reward specs without loading any weights; raises RewardError on the first problem."""
+    if not specs:
+        raise RewardError("no reward given; pass at least one reward spec like pickscore or jpeg_compressibility:0.5")
+    seen = set()
+    for spec in specs:
+        name, _ = parse_spec(spec)
+        if name in seen:
+            raise RewardError(f"reward {name!r} is given twice")
+        seen.add(name)
+        if name in REGISTRY:
+            continue
+        if "." not in name.strip("."):
+            raise RewardError(f"unknown reward {name!r}; known: {', '.join(sorted(REGISTRY))}, "
+                              "or a dotted path like mypkg.module.MyReward")
+        _resolve(name, name)
+
+
+def _needs_args(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _build_custom(name: str):
+    obj = _resolve(name, name)
+    if not isinstance(obj, type) and _needs_args(obj):
+        return FunctionReward(obj, name)
+    try:
+        reward = obj()
+    except Exception as e:
+        raise RewardError(f"reward {name!r}: calling {name}() failed: {type(e).__name__}: {e}") from e
+    if not callable(reward):
+        raise RewardError(f"reward {name!r}: {name}() returned a non-callable {type(reward).__name__}")
+    return reward if hasattr(reward, "group_transform") else FunctionReward(reward, name)
+
+
+class RewardSet:
+    """The rewards of a run: .names (spec order), .weights and .rewards keyed by name."""
+
+    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float]):
+        self.names, self.rewards, self.weights = list(rewards), rewards, weights
+
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
+        """Raw scores of every reward: {name: (B,) float32 CPU}. Raises RewardError on bad shape or NaN/inf."""
+        B = images.shape[0]
+        if len(prompts) != B:
+            raise RewardError(f"got {B} images but {len(prompts)} prompts")
+        out = {}
+        for name in self.names:
+            with torch.no_grad():
+                s = torch.as_tensor(self.rewards[name](images, prompts, metadata)).detach().float().cpu()
+            if s.shape != (B,):
+                raise RewardError(f"reward {name!r} returned shape {tuple(s.shape)}, expected ({B},)")
+            bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
+            if bad:
+                more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+                raise RewardError(f"reward {name!r} returned non-finite values for prompts: "
+                                  f"{[prompts[i] for i in bad[:3]]}{more}")
+            out[name] = s
+        return out
+
+    def group_transform(self, name: str, scores: torch.Tensor) -> torch.Tensor:
+        """(G, K) raw scores of reward `name` -> transformed scores (identity unless groupwise)."""
+        return self.rewards[name].group_transform(scores)
+
+    def is_groupwise(self, name: str) -> bool:
+        return bool(getattr(self.rewards[name], "groupwise", False))
+
+
+def load_rewards(specs: list[str], paths: dict[str, str] | None = None, device="cpu",
+                 dtype=torch.float32) -> RewardSet:
+    """Build the rewards of `specs`. paths maps a registry name to a local folder overriding its hub id."""
+    check_specs(specs)
+    paths = {k.lower() if k.lower() in REGISTRY else k: v for k, v in (paths or {}).items()}
+    parsed = [parse_spec(s) for s in specs]
+    for key in paths:
+        if key not in REGISTRY and key not in dict(parsed):
+            raise RewardError(f"path override for unknown reward {key!r}; known: {', '.join(sorted(REGISTRY))}")
+    rewards, weights = {}, {}
+    for name, weight in parsed:
+        if name in REGISTRY:
+            rewards[name] = _resolve(REGISTRY[name], name)(path=paths.get(name), device=device, dtype=dtype)
+        else:
+            rewards[name] = _build_custom(name)
+        weights[name] = weight
+    return RewardSet(rewards, weights)

@@ -1,0 +1,297 @@
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from common.data import DataError, GroupSampler, Item, gather_and_slice, load_image, load_split, split_exists
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def jsonl(*rows):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def png(path, color=(255, 0, 0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), color).save(path)
+    return str(path)
+
+
+# ---- loading ----
+
+
+def test_txt_skips_blank_lines(tmp_path):
+    write(tmp_path / "train.txt", "a cat\n\n   \na dog\n")
+    assert load_split(str(tmp_path)) == [Item("a cat"), Item("a dog")]
+
+
+def test_jsonl_fields_and_metadata(tmp_path):
+    png(tmp_path / "images" / "a.png")
+    write(tmp_path / "train.jsonl", jsonl(
+        {"prompt": "two apples", "tag": "counting", "count": 2, "extra": {"x": [1]}},
+        "",
+        {"prompt": "edit it", "negative_prompt": "blurry", "image": "a.png"},
+    ))
+    a, b = load_split(str(tmp_path))
+    assert a == Item("two apples", metadata={"tag": "counting", "count": 2, "extra": {"x": [1]}})
+    assert b.negative_prompt == "blurry" and b.metadata == {}
+    assert b.images == [str(tmp_path / "images" / "a.png")]
+
+
+def test_image_vs_images_and_absolute_paths(tmp_path):
+    absolute = png(tmp_path / "elsewhere" / "z.png")
+    png(tmp_path / "images" / "sub" / "b.png")
+    write(tmp_path / "videos" / "v.mp4", "not decoded here")
+    write(tmp_path / "train.jsonl", jsonl(
+        {"prompt": "p", "images": ["sub/b.png", absolute]},
+        {"prompt": "q", "video": "v.mp4"},
+        {"prompt": "r", "images": []},
+    ))
+    a, b, c = load_split(str(tmp_path))
+    assert a.images == [str(tmp_path / "images" / "sub" / "b.png"), absolute]
+    assert b.videos == [str(tmp_path / "videos" / "v.mp4")] and b.images == []
+    assert c.images == []
+    assert all(os.path.isabs(p) for p in a.images + b.videos)
+
+
+def test_relative_dataset_path_gives_absolute_images(tmp_path, monkeypatch):
+    png(tmp_path / "ds" / "images" / "a.png")
+    write(tmp_path / "ds" / "train.jsonl", jsonl({"prompt": "p", "image": "a.png"}))
+    monkeypatch.chdir(tmp_path)
+    assert load_split("ds")[0].images == [str(tmp_path / "ds" / "images" / "a.png")]
+
+
+def test_image_dir_override_and_check_files(tmp_path):
+    other = tmp_path / "other"
+    png(other / "a.png")
+    write(tmp_path / "ds" / "train.jsonl", jsonl({"prompt": "p", "image": "a.png"}))
+    assert load_split(str(tmp_path / "ds"), image_dir=str(other))[0].images == [str(other / "a.png")]
+    with pytest.raises(DataError, match="image not found"):
+        load_split(str(tmp_path / "ds"))
+    # check_files=False only resolves
+    assert load_split(str(tmp_path / "ds"), check_files=False)[0].images == [str(tmp_path / "ds" / "images" / "a.png")]
+
+
+def test_split_exists_and_test_split(tmp_path):
+    write(tmp_path / "train.txt", "a\n")
+    assert split_exists(str(tmp_path), "train") and not split_exists(str(tmp_path), "test")
+    write(tmp_path / "test.jsonl", jsonl({"prompt": "t"}))
+    assert split_exists(str(tmp_path), "test")
+    assert load_split(str(tmp_path), "test") == [Item("t")]
+
+
+def test_demo_dataset_if_present():
+    demo = os.path.join(os.path.dirname(__file__), "..", "datasets", "demo")
+    if not split_exists(demo, "train"):
+        pytest.skip("datasets/demo has no train split yet")
+    assert len(load_split(demo)) > 0
+
+
+# ---- errors: one line, naming file and line ----
+
+
+def raises(tmp_path, match, **kwargs):
+    with pytest.raises(DataError) as e:
+        load_split(str(tmp_path), **kwargs)
+    msg = str(e.value)
+    assert "\n" not in msg and match in msg, msg
+    return msg
+
+
+def test_missing_folder_and_split(tmp_path):
+    raises(tmp_path / "nope", f"dataset folder not found: {tmp_path / 'nope'}")
+    raises(tmp_path, f"no train.txt or train.jsonl in {tmp_path}")
+    with pytest.raises(DataError, match="no test.txt or test.jsonl"):
+        load_split(str(tmp_path), "test")
+
+
+def test_both_files_ambiguous(tmp_path):
+    write(tmp_path / "train.txt", "a\n")
+    write(tmp_path / "train.jsonl", jsonl({"prompt": "a"}))
+    raises(tmp_path, "ambiguous")
+    with pytest.raises(DataError, match="ambiguous"):
+        split_exists(str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("name,text", [("train.txt", "\n  \n"), ("train.jsonl", "\n"), ("train.txt", "")])
+def test_empty_split(tmp_path, name, text):
+    write(tmp_path / name, text)
+    raises(tmp_path, f"{tmp_path / name} is empty")
+
+
+@pytest.mark.parametrize("row,match", [
+    ('{"prompt": "a",', "invalid JSON ("),
+    ('["a list"]', "expected a JSON object, got list"),
+    ({"tag": "x"}, "'prompt' must be a non-empty string"),
+    ({"prompt": ""}, "'prompt' must be a non-empty string"),
+    ({"prompt": 3}, "'prompt' must be a non-empty string"),
+    ({"prompt": "a", "negative_prompt": 1}, "'negative_prompt' must be a string"),
+    ({"prompt": "a", "image": ["x.png"]}, "'image' must be a non-empty string"),
+    ({"prompt": "a", "images": "x.png"}, "'images' must be a list of strings"),
+    ({"prompt": "a", "images": ["x.png", 3]}, "'images' must be a list of strings"),
+    ({"prompt": "a", "video": 1}, "'video' must be a non-empty string"),
+    ({"prompt": "a", "videos": [None]}, "'videos' must be a list of strings"),
+    ({"prompt": "a", "image": "x.png", "images": ["y.png"]}, "not both"),
+    ({"prompt": "a", "image": "missing.png"}, "image not found: "),
+    ({"prompt": "a", "videos": ["missing.mp4"]}, "video not found: "),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, row, match):
+    # the bad row is on line 3, after a good row and a blank line
+    write(tmp_path / "train.jsonl", jsonl({"prompt": "ok"}, "", row))
+    msg = raises(tmp_path, match)
+    assert msg.startswith(f"{tmp_path / 'train.jsonl'}:3: "), msg
+
+
+def test_missing_image_names_resolved_path(tmp_path):
+    write(tmp_path / "train.jsonl", jsonl({"prompt": "a", "image": "sub/m.png"}))
+    raises(tmp_path, f"train.jsonl:1: image not found: {tmp_path / 'images' / 'sub' / 'm.png'}")
+
+
+def test_non_utf8_file(tmp_path):
+    (tmp_path / "train.txt").write_bytes(b"caf\xe9\n")
+    raises(tmp_path, "not UTF-8")
+
+
+# ---- images ----
+
+
+def test_load_image_png_to_rgb(tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGBA", (5, 3), (10, 20, 30, 128)).save(path)
+    im = load_image(str(path))
+    assert im.mode == "RGB" and im.size == (5, 3) and im.getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_load_image_corrupt_or_missing(tmp_path):
+    bad = write(tmp_path / "x.png", "this is text")
+    with pytest.raises(DataError, match=f"cannot read image {bad}: ") as e:
+        load_image(str(bad))
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="cannot read image"):
+        load_image(str(tmp_path / "missing.png"))
+
+
+# ---- group sampling ----
+
+
+def test_plan_same_on_every_rank_and_reproducible():
+    ranks = [GroupSampler(10, 4, 4, world_size=2, batch_size=2, seed=7) for _ in range(2)]
+    torch.manual_seed(0)
+    p0 = ranks[0].plan(3)
+    torch.manual_seed(123)  # global RNG state must not matter
+    p1 = ranks[1].plan(3)
+    assert p0 == p1
+    assert ranks[0].plan(3) != ranks[0].plan(4)
+    assert GroupSampler(10, 4, 4, 2, 2, seed=8).plan(3) != p0
+
+
+def test_plan_groups_are_complete():
+    s = GroupSampler(20, 6, 4, world_size=2, batch_size=3, seed=0)
+    for epoch in range(5):
+        p = s.plan(epoch)
+        assert len(p.items) == len(p.groups) == 24
+        assert Counter(p.groups) == {g: 4 for g in range(6)}
+        by_group = {}
+        for i, g in zip(p.items, p.groups):
+            by_group.setdefault(g, set()).add(i)
+        assert all(len(v) == 1 for v in by_group.values())  # all K members share one prompt
+        assert len({next(iter(v)) for v in by_group.values()}) == 6  # M <= N: distinct prompts
+
+
+def test_local_slices_and_batches_cover_the_plan():
+    W, B = 4, 2
+    s = GroupSampler(50, 8, 4, world_size=W, batch_size=B, seed=1)
+    assert s.num_batches == 4  # 8*4 / (4*2)
+    p = s.plan(0)
+    items, groups = [], []
+    for r in range(W):
+        li, lg = p.local(r, W)
+        items += li
+        groups += lg
+        batches = s.local_batches(0, r)
+        assert len(batches) == s.num_batches and all(len(b[0]) == len(b[1]) == B for b in batches)
+        assert sum((b[0] for b in batches), []) == li and sum((b[1] for b in batches), []) == lg
+    assert (items, groups) == (p.items, p.groups)
+    with pytest.raises(ValueError):
+        p.local(W, W)
+
+
+def test_groups_span_ranks():
+    s = GroupSampler(10, 4, 4, world_size=2, batch_size=2, seed=0)
+    spans = False
+    for epoch in range(5):
+        p = s.plan(epoch)
+        ranks_of = {}
+        for r in range(2):
+            for g in p.local(r, 2)[1]:
+                ranks_of.setdefault(g, set()).add(r)
+        spans |= any(len(v) > 1 for v in ranks_of.values())
+    assert spans
+
+
+def test_more_prompts_than_items():
+    s = GroupSampler(3, 7, 2, world_size=1, batch_size=2, seed=0)
+    p = s.plan(0)
+    assert Counter(p.groups) == {g: 2 for g in range(7)}
+    per_prompt = Counter(i for i, g in set(zip(p.items, p.groups)))
+    assert set(per_prompt) == {0, 1, 2} and max(per_prompt.values()) - min(per_prompt.values()) <= 1
+
+
+def test_divisibility_error_suggests_valid_m():
+    with pytest.raises(DataError) as e:
+        GroupSampler(100, 5, 4, world_size=8, batch_size=1, seed=0)
+    msg = str(e.value)
+    assert "prompts_per_epoch*group_size = 5*4 = 20 samples must be divisible by num_processes*batch_size = 8*1 = 8" in msg
+    assert msg.endswith("nearest valid prompts_per_epoch: 4 or 6")
+    GroupSampler(100, 4, 4, 8, 1, 0), GroupSampler(100, 6, 4, 8, 1, 0)  # the suggestions are valid
+    with pytest.raises(DataError, match="nearest valid prompts_per_epoch: 3$"):
+        GroupSampler(100, 1, 1, 3, 1, 0)
+
+
+@pytest.mark.parametrize("bad", range(5))
+def test_sizes_must_be_positive(bad):
+    sizes = [10, 2, 2, 1, 1]
+    sizes[bad] = 0
+    with pytest.raises(DataError, match="must be >= 1, got 0"):
+        GroupSampler(*sizes, seed=0)
+
+
+# ---- gather ----
+
+
+def test_gather_and_slice_round_trip():
+    W = 3
+    per_rank = [torch.arange(4, dtype=torch.float32).reshape(2, 2) + 10 * r for r in range(W)]
+
+    for r in range(W):
+        def fake_gather(v, r=r):  # what accelerator.gather returns: every rank's tensor, concatenated in rank order
+            assert torch.equal(v, per_rank[r])
+            return torch.cat(per_rank)
+
+        all_v, own = gather_and_slice(per_rank[r], fake_gather, r, W)
+        assert torch.equal(all_v, torch.cat(per_rank)) and torch.equal(own, per_rank[r])
+
+    x = torch.tensor([1.0, 2.0])
+    all_v, own = gather_and_slice(x, lambda v: v, 0, 1)  # one process: identity
+    assert torch.equal(all_v, x) and torch.equal(own, x)
+    with pytest.raises(ValueError, match="equal counts"):
+        gather_and_slice(x, lambda v: v, 0, 2)
+
+
+def test_sampler_plus_gather_keeps_groups_aligned():
+    # rewards computed per rank, gathered, then grouped by the plan's global group ids: invariant I.21
+    W, B = 2, 2
+    s = GroupSampler(10, 4, 4, world_size=W, batch_size=B, seed=3)
+    plan = s.plan(0)
+    local = [torch.tensor(plan.local(r, W)[1], dtype=torch.float32) for r in range(W)]  # "reward" = group id
+    for r in range(W):
+        all_v, own = gather_and_slice(local[r], lambda v: torch.cat(local), r, W)
+        assert all_v.tolist() == plan.groups and torch.equal(own, local[r])
