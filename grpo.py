@@ -420,7 +420,7 @@ def main(args: Args):
 
         # SHARED: logging
         ratios = torch.cat(stats.pop("ratio")).float()
-        record = {"epoch": epoch, "step": global_step, "sde_window": window, "lr": optimizer.param_groups[0]["lr"],
+        record = {"epoch": epoch, "step": global_step, "samples": len(adv_all), "sde_window": window, "lr": optimizer.param_groups[0]["lr"],
                   "grad_norm": float(grad_norm) if global_step else None}
         for k, v in raw.items():
             record[f"reward/{k}_mean"], record[f"reward/{k}_std"] = v.mean().item(), v.std(unbiased=False).item()

@@ -34,7 +34,7 @@ def parse_spec(spec: str) -> tuple[str, float]:
             name, weight = head.strip(), float(tail)
         except ValueError:
             if "." not in head:  # a registry name: whatever follows the colon must be the weight
-                raise RewardError(f"bad weight {tail!r} in reward spec {spec!r}; expected NAME or NAME:WEIGHT") from None
+                raise RewardError(f"bad weight {tail!r} in reward spec {spec!r}; expected NAME:NUMBER") from None
         if not math.isfinite(weight):
             raise RewardError(f"bad weight {tail!r} in reward spec {spec!r}; the weight must be finite")
     if not name:

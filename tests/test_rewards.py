@@ -114,7 +114,8 @@ def tiny_clip_dir(tmp_path_factory):
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    text = dict(common, vocab_size=514, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    text = dict(common, vocab_size=514, max_position_embeddings=77,
+                bos_token_id=512, eos_token_id=513, pad_token_id=513)
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(common, image_size=32, patch_size=8),
                                  projection_dim=16))
@@ -210,7 +211,8 @@ def test_custom_rewards_and_weights():
 def test_reward_set_rejects_bad_scores():
     images, prompts = torch.rand(3, 3, 8, 8), ["ok", "the bad one", "ok too"]
     rs = load_rewards(["tests.test_rewards.NanReward"])
-    msg = one_line_error(rs.score, images, prompts, [{}] * 3, match="reward 'tests.test_rewards.NanReward' returned non-finite")
+    msg = one_line_error(rs.score, images, prompts, [{}] * 3,
+                         match="reward 'tests.test_rewards.NanReward' returned non-finite values for prompts")
     assert "the bad one" in msg and "ok too" not in msg
     rs = load_rewards(["tests.test_rewards.WrongShapeReward"])
     one_line_error(rs.score, images, prompts, [{}] * 3, match=r"returned shape \(3, 2\), expected \(3,\)")
