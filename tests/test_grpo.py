@@ -16,6 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    # in-process runs with different --mixed-precision need accelerate's singleton state reset
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
 def tiny_args(out, *extra):
     return parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS,
                               ["--model", "flux1", "--tiny", "--output-dir", str(out), "--log-with", "none", *extra])
@@ -192,3 +200,25 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == f"error: dataset folder not found: {tmp_path / 'nope'}"
+
+
+@pytest.mark.parametrize("extra", [
+    ["--finetune", "full", "--kl-beta", "0.1", "--learning-rate", "1e-5"],
+    ["--mixed-precision", "bf16", "--latent-storage-dtype", "bf16", "--gradient-checkpointing",
+     "--attention-backend", "native"],
+    ["--dynamics", "Dance-SDE", "--noise-level", "0.3", "--kl-beta", "0.1", "--kl-type", "v-based"],
+    ["--dynamics", "CPS", "--noise-level", "0.8", "--negative-prompt", "blurry", "--true-cfg-scale", "3.0",
+     "--reward", "jpeg_compressibility:1.0", "jpeg_incompressibility:0.5", "--advantage-aggregation", "gdpo",
+     "--num-inner-epochs", "2"],
+], ids=["full-ft-kl", "bf16-ckpt", "dance-kl-v", "cps-cfg-gdpo"])
+def test_variants_train(tmp_path, extra):
+    out = tmp_path / "v"
+    grpo.main(tiny_args(out, "--eval-every", "0", "--num-epochs", "1", *extra))
+    row = read_metrics(out)[-1]
+    assert row["step"] == 2 * (2 if "--num-inner-epochs" in extra else 1)
+    assert all(v is None or v == v for v in row.values() if isinstance(v, float))  # no NaN
+    assert row["train/onpolicy_ratio_dev"] == 0.0
+    if "full" in extra:
+        assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    if "--kl-beta" in extra:
+        assert row["train/kl"] > 0
