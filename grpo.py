@@ -5,6 +5,7 @@ log-probs; rewards become group-relative advantages; the policy is trained with 
 the recomputed to the stored log-probs, optionally with a KL penalty to the reference model.
 Papers: Flow-GRPO (arXiv 2505.05470), DanceGRPO (arXiv 2505.07818). Math: docs/grpo.md, ALGORITHMS.md C.
 
+    python grpo.py                                              # embedded shapes world + model on a CPU
     python grpo.py --model flux1 --tiny                         # tiny random FLUX.1 on a CPU, no downloads
     accelerate launch grpo.py --model flux1 --reward pickscore  # FLUX.1-dev, LoRA, PickScore
     accelerate launch --multi_gpu --num_processes 8 grpo.py --model flux1 --dataset data/my_prompts
@@ -45,8 +46,8 @@ class Args:
     resume_from: str | None = None
     """'latest' or a checkpoint folder to resume from exactly"""
     # Model
-    model: str = "flux1"
-    """model family: flux1"""
+    model: str = "shapes"
+    """model: shapes (the embedded FLUX.1-architecture shapes model, CPU) or flux1"""
     model_path: str | None = None
     """hub id or local folder of the diffusers pipeline (default: the model's hub id)"""
     tiny: bool = False
@@ -149,6 +150,8 @@ class Args:
     """evaluation ODE steps"""
     eval_num_prompts: int = 32
     """test prompts per evaluation (the test split, else the train split)"""
+    eval_batch_size: int = 8
+    """images per evaluation forward"""
     save_every: int = 10
     """checkpoint every this many epochs (and after the last)"""
     checkpoints_total_limit: int = 3
@@ -156,10 +159,26 @@ class Args:
 
 
 PRESETS = {
+    # the embedded default: GRPO on the shapes world with the rule-checked reward, on a CPU (README)
+    "shapes": dict(model_path="models/shapes-flux", dataset="datasets/shapes", reward=("shapes",), resolution=64,
+                   eval_resolution=64, num_steps=10, eval_num_steps=10, guidance_scale=1.0, true_cfg_scale=3.0,
+                   negative_prompt="", max_sequence_length=32, group_size=8, prompts_per_epoch=8, batch_size=16,
+                   finetune="full", learning_rate=3e-5, sde_window_size=2, sde_window_range=(0, 6),
+                   noise_level=0.8, clip_range=1e-3, num_epochs=30, eval_every=30, eval_num_prompts=480,
+                   eval_batch_size=64, save_every=30, ema_decay=0.5, ema_interval=1, log_with="none",
+                   output_dir="runs/grpo-shapes"),
     # FLUX.1-dev LoRA: 1 SDE step of steps 1-3, eta 0.7, K=16 x 48 prompts, 10 train / 20 eval steps at 512
     "flux1": dict(mixed_precision="bf16", gradient_checkpointing=True, latent_storage_dtype="fp16"),
 }
 TINY_PRESETS = {
+    # the embedded default: GRPO on the shapes world with the rule-checked reward, on a CPU (README)
+    "shapes": dict(model_path="models/shapes-flux", dataset="datasets/shapes", reward=("shapes",), resolution=64,
+                   eval_resolution=64, num_steps=10, eval_num_steps=10, guidance_scale=1.0, true_cfg_scale=3.0,
+                   negative_prompt="", max_sequence_length=32, group_size=8, prompts_per_epoch=8, batch_size=16,
+                   finetune="full", learning_rate=3e-5, sde_window_size=2, sde_window_range=(0, 6),
+                   noise_level=0.8, clip_range=1e-3, num_epochs=30, eval_every=30, eval_num_prompts=480,
+                   eval_batch_size=64, save_every=30, ema_decay=0.5, ema_interval=1, log_with="none",
+                   output_dir="runs/grpo-shapes"),
     # a few seconds per epoch on a CPU: 64 px, 4 steps, 4 prompts x 4 images, weight-free reward
     "flux1": dict(resolution=64, eval_resolution=64, num_steps=4, eval_num_steps=4, group_size=4,
                   prompts_per_epoch=4, batch_size=2, lora_rank=4, lora_alpha=8, max_sequence_length=32,
@@ -286,14 +305,16 @@ def main(args: Args):
     # SHARED: evaluation
     @torch.no_grad()
     def evaluate(epoch):
-        """ODE sampling of the test prompts with EMA weights and per-prompt fixed noise."""
+        """ODE sampling of the test prompts with EMA weights and per-prompt fixed noise; returns metrics
+        and the first images (for the before/after grid)."""
         state = adapter.make_state(args.eval_resolution, args.eval_resolution)
         sigmas = adapter.sigmas(args.eval_num_steps, state)
-        mine = list(range(len(test_items)))[rank::world]
+        per_rank = -(-len(test_items) // world)  # padded so that every rank gathers as many
+        mine = [i % len(test_items) for i in range(rank * per_rank, (rank + 1) * per_rank)]
         scores, images = {k: [] for k in reward_set.names}, []
         with ema.swapped_in(), accelerator.autocast():
-            for start in range(0, len(mine), args.batch_size):
-                idx = mine[start:start + args.batch_size]
+            for start in range(0, len(mine), args.eval_batch_size):
+                idx = mine[start:start + args.eval_batch_size]
                 items = [test_items[i] for i in idx]
                 z = torch.cat([adapter.prepare_noise(1, args.eval_resolution, args.eval_resolution,
                                                      torch.Generator().manual_seed(10_000 + i)) for i in idx])
@@ -301,21 +322,28 @@ def main(args: Args):
                 imgs = adapter.decode(traj.final, state)
                 for k, v in score(items, imgs).items():
                     scores[k].append(v)
-                images.append(imgs.cpu())
-        out = {}
+                if start < 16:
+                    images.append(imgs.cpu())
+        out, metadata = {}, [it.metadata for it in test_items]
         for k, v in scores.items():
-            local = torch.cat(v).to(device) if v else torch.zeros(0, device=device)
-            out[f"eval/reward_{k}"] = accelerator.gather_for_metrics(local).float().mean().item()
-        if accelerator.is_main_process and images:
-            tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base",
-                                  torch.cat(images), [test_items[i].prompt for i in mine], epoch)
-        return out
+            all_k = accelerator.gather(torch.cat(v).to(device)).cpu()[: len(test_items)]
+            out[f"eval/reward_{k}"] = all_k.mean().item()
+            if hasattr(reward_set.rewards[k], "eval_metrics"):  # e.g. strict accuracy per category
+                out.update({f"eval/{k}_{m}": x for m, x in reward_set.rewards[k].eval_metrics(all_k, metadata).items()})
+        images = torch.cat(images)[:16]
+        if accelerator.is_main_process:
+            tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"),
+                                  f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base", images,
+                                  [test_items[i].prompt for i in mine[:16]], epoch)
+        return out, images
 
+    base_eval = None
     if args.eval_before and start_epoch == 0 and args.eval_every > 0:
         with timer("eval"):
-            record = {"epoch": -1, **evaluate(-1)}
+            base_eval, base_images = evaluate(-1)
         if accelerator.is_main_process:
-            tracking.append_jsonl(metrics_path, {**record, **timer.pop(), **tracking.peak_memory_gb(device)})
+            tracking.append_jsonl(metrics_path, {"epoch": -1, **base_eval, **timer.pop(),
+                                                 **tracking.peak_memory_gb(device)})
 
     for epoch in range(start_epoch, args.num_epochs):
         # ---- SAMPLING ----
@@ -435,7 +463,8 @@ def main(args: Args):
         last = epoch == args.num_epochs - 1
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
             with timer("eval"):
-                record.update(evaluate(epoch))
+                final_eval, final_images = evaluate(epoch)
+                record.update(final_eval)
         record.update(timer.pop())
         record.update(tracking.peak_memory_gb(device))
         if accelerator.is_main_process:
@@ -460,6 +489,11 @@ def main(args: Args):
                 adapter.save_lora(os.path.join(args.output_dir, "lora"))
             else:
                 transformer.save_pretrained(os.path.join(args.output_dir, "transformer"))
+        if base_eval is not None and args.eval_every:  # before/after table and grid
+            accelerator.print(tracking.before_after_table(base_eval, final_eval))
+            tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), "before_after",
+                                  torch.cat([base_images, final_images]), ["base"] * len(base_images)
+                                  + ["trained"] * len(final_images), args.num_epochs)
         accelerator.print(f"saved to {args.output_dir}")
     accelerator.end_training()
 

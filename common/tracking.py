@@ -40,7 +40,7 @@ def append_jsonl(path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
-def image_grid(images: torch.Tensor, nrow: int = 4) -> np.ndarray:
+def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     """(B,3,H,W) or (B,F,3,H,W) floats in [0,1] -> one uint8 HxWx3 grid (videos show their first frame)."""
     if images.dim() == 5:
         images = images[:, 0]
@@ -67,3 +67,12 @@ def save_samples(accelerator, out_dir, tag, images, captions, step):
         elif tracker.name == "wandb":
             import wandb
             tracker.log({f"samples/{tag.split('_')[0]}": wandb.Image(grid, caption=" | ".join(captions[:8]))}, step=step)
+
+
+def before_after_table(base: dict, final: dict) -> str:
+    """A plain-text table of every eval metric, base model vs trained."""
+    rows = [f"{'metric':<40} {'base':>9} {'trained':>9} {'change':>9}"]
+    for k in sorted(final):
+        if k.startswith("eval/") and k in base:
+            rows.append(f"{k[5:]:<40} {base[k]:>9.4f} {final[k]:>9.4f} {final[k] - base[k]:>+9.4f}")
+    return "\n".join(rows)

@@ -22,6 +22,7 @@ REGISTRY = {
     "pickscore": "rewards.pickscore:PickScore",
     "pickscore_rank": "rewards.pickscore:PickScoreRank",
     "clip": "rewards.clip_score:ClipScore",
+    "shapes": "rewards.shapes:ShapesReward",
 }
 
 

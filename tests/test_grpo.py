@@ -196,7 +196,7 @@ def test_non_finite_reward_named(tmp_path):
 
 
 def test_cli_error_is_one_line_and_nonzero(tmp_path):
-    r = subprocess.run([sys.executable, "grpo.py", "--tiny", "--dataset", str(tmp_path / "nope")], cwd=ROOT, env=ENV,
+    r = subprocess.run([sys.executable, "grpo.py", "--model", "flux1", "--tiny", "--dataset", str(tmp_path / "nope")], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == f"error: dataset folder not found: {tmp_path / 'nope'}"

@@ -5,6 +5,8 @@ from common.models.base import Adapter, ModelError
 
 MODELS = {
     "flux1": "common.models.flux1:Flux1Adapter",
+    # the embedded shapes model (models/shapes-flux) is a FLUX.1-architecture pipeline: same adapter
+    "shapes": "common.models.flux1:Flux1Adapter",
 }
 
 
