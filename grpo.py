@@ -152,15 +152,19 @@ class Args:
     """test prompts per evaluation (the test split, else the train split)"""
     eval_batch_size: int = 8
     """images per evaluation forward"""
+    eval_seed: int = 10_000
+    """test prompt i is sampled from noise seed eval_seed + i (change it to measure evaluation noise)"""
     save_every: int = 10
     """checkpoint every this many epochs (and after the last)"""
     checkpoints_total_limit: int = 3
     """keep this many checkpoints"""
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = {
     # the embedded default: GRPO on the shapes world with the rule-checked reward, on a CPU (README)
-    "shapes": dict(model_path="models/shapes-flux", dataset="datasets/shapes", reward=("shapes",), resolution=64,
+    "shapes": dict(model_path=os.path.join(HERE, "models/shapes-flux"), dataset=os.path.join(HERE, "datasets/shapes"),
+                   reward=("shapes",), resolution=64,
                    eval_resolution=64, num_steps=10, eval_num_steps=10, guidance_scale=1.0, true_cfg_scale=3.0,
                    negative_prompt="", max_sequence_length=32, group_size=8, prompts_per_epoch=8, batch_size=16,
                    finetune="full", learning_rate=3e-5, sde_window_size=2, sde_window_range=(0, 6),
@@ -171,14 +175,6 @@ PRESETS = {
     "flux1": dict(mixed_precision="bf16", gradient_checkpointing=True, latent_storage_dtype="fp16"),
 }
 TINY_PRESETS = {
-    # the embedded default: GRPO on the shapes world with the rule-checked reward, on a CPU (README)
-    "shapes": dict(model_path="models/shapes-flux", dataset="datasets/shapes", reward=("shapes",), resolution=64,
-                   eval_resolution=64, num_steps=10, eval_num_steps=10, guidance_scale=1.0, true_cfg_scale=3.0,
-                   negative_prompt="", max_sequence_length=32, group_size=8, prompts_per_epoch=8, batch_size=16,
-                   finetune="full", learning_rate=3e-5, sde_window_size=2, sde_window_range=(0, 6),
-                   noise_level=0.8, clip_range=1e-3, num_epochs=30, eval_every=30, eval_num_prompts=480,
-                   eval_batch_size=64, save_every=30, ema_decay=0.5, ema_interval=1, log_with="none",
-                   output_dir="runs/grpo-shapes"),
     # a few seconds per epoch on a CPU: 64 px, 4 steps, 4 prompts x 4 images, weight-free reward
     "flux1": dict(resolution=64, eval_resolution=64, num_steps=4, eval_num_steps=4, group_size=4,
                   prompts_per_epoch=4, batch_size=2, lora_rank=4, lora_alpha=8, max_sequence_length=32,
@@ -312,29 +308,29 @@ def main(args: Args):
         per_rank = -(-len(test_items) // world)  # padded so that every rank gathers as many
         mine = [i % len(test_items) for i in range(rank * per_rank, (rank + 1) * per_rank)]
         scores, images = {k: [] for k in reward_set.names}, []
+        shown = mine[:: max(1, len(mine) // 16)][:16]  # grid: 16 prompts spread over the test split
         with ema.swapped_in(), accelerator.autocast():
             for start in range(0, len(mine), args.eval_batch_size):
                 idx = mine[start:start + args.eval_batch_size]
                 items = [test_items[i] for i in idx]
                 z = torch.cat([adapter.prepare_noise(1, args.eval_resolution, args.eval_resolution,
-                                                     torch.Generator().manual_seed(10_000 + i)) for i in idx])
+                                                     torch.Generator().manual_seed(args.eval_seed + i)) for i in idx])
                 traj = sampler.rollout(predictor(encode(items), state, sigmas), z, sigmas)
                 imgs = adapter.decode(traj.final, state)
                 for k, v in score(items, imgs).items():
                     scores[k].append(v)
-                if start < 16:
-                    images.append(imgs.cpu())
+                images += [img.cpu() for i, img in zip(idx, imgs) if i in shown]
         out, metadata = {}, [it.metadata for it in test_items]
         for k, v in scores.items():
             all_k = accelerator.gather(torch.cat(v).to(device)).cpu()[: len(test_items)]
             out[f"eval/reward_{k}"] = all_k.mean().item()
             if hasattr(reward_set.rewards[k], "eval_metrics"):  # e.g. strict accuracy per category
                 out.update({f"eval/{k}_{m}": x for m, x in reward_set.rewards[k].eval_metrics(all_k, metadata).items()})
-        images = torch.cat(images)[:16]
+        images = torch.stack(images[:16])
         if accelerator.is_main_process:
             tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"),
                                   f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base", images,
-                                  [test_items[i].prompt for i in mine[:16]], epoch)
+                                  [test_items[i].prompt for i in shown], epoch)
         return out, images
 
     base_eval = None
@@ -483,7 +479,7 @@ def main(args: Args):
 
     # SHARED: save
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and start_epoch < args.num_epochs:  # --num-epochs 0: evaluate only
         with ema.swapped_in():
             if args.finetune == "lora":
                 adapter.save_lora(os.path.join(args.output_dir, "lora"))
@@ -495,6 +491,8 @@ def main(args: Args):
                                   torch.cat([base_images, final_images]), ["base"] * len(base_images)
                                   + ["trained"] * len(final_images), args.num_epochs)
         accelerator.print(f"saved to {args.output_dir}")
+    if base_eval is not None and accelerator.is_main_process:
+        accelerator.print(" ".join(f"{k[5:]}={v:.4f}" for k, v in base_eval.items()))
     accelerator.end_training()
 
 

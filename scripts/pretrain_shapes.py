@@ -55,6 +55,9 @@ class Args:
     """EMA of the transformer weights that is saved"""
     num_latents: int = 60_000
     """world renders encoded once for the flow stage"""
+    snapshot_every: int = 0
+    """also save the EMA pipeline every this many steps under <work>/flow-<step> (0: off), to pick a
+    step count; a run with --flow-steps N reproduces snapshot N (constant learning rate after warm-up)"""
 
 
 def world_batch(rng, n, metas):
@@ -166,12 +169,23 @@ def train_flow(args):
                 e.mul_(d).add_(q.detach(), alpha=1 - d)
         if step % 100 == 0 or step == args.flow_steps - 1:
             print(f"flow step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if args.snapshot_every and (step + 1) % args.snapshot_every == 0:
+            save_ema(pipe, ema, os.path.join(args.work, f"flow-{step + 1}"))
+    save_ema(pipe, ema, args.out)
+
+
+def save_ema(pipe, ema, folder):
+    """Save the pipeline with the EMA transformer weights, keeping the live weights for training."""
+    tr = pipe.transformer
+    live = [q.detach().clone() for q in tr.parameters()]
     with torch.no_grad():
         for e, q in zip(ema, tr.parameters()):
             q.copy_(e)
-    tr.eval()
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    print(f"saved {args.out}", flush=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    with torch.no_grad():
+        for v, q in zip(live, tr.parameters()):
+            q.copy_(v)
+    print(f"saved {folder}", flush=True)
 
 
 if __name__ == "__main__":
