@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -168,8 +167,8 @@ PRESETS = {
                    eval_resolution=64, num_steps=10, eval_num_steps=10, guidance_scale=1.0, true_cfg_scale=3.0,
                    negative_prompt="", max_sequence_length=32, group_size=8, prompts_per_epoch=8, batch_size=16,
                    finetune="full", learning_rate=3e-5, sde_window_size=2, sde_window_range=(0, 6),
-                   noise_level=0.8, clip_range=1e-3, num_epochs=30, eval_every=30, eval_num_prompts=480,
-                   eval_batch_size=64, save_every=30, ema_decay=0.5, ema_interval=1, log_with="none",
+                   noise_level=0.8, clip_range=1e-3, num_epochs=200, eval_every=50, eval_num_prompts=480,
+                   eval_batch_size=64, save_every=50, ema_decay=0.5, ema_interval=1, log_with="none",
                    output_dir="runs/grpo-shapes"),
     # FLUX.1-dev LoRA: 1 SDE step of steps 1-3, eta 0.7, K=16 x 48 prompts, 10 train / 20 eval steps at 512
     "flux1": dict(mixed_precision="bf16", gradient_checkpointing=True, latent_storage_dtype="fp16"),
@@ -217,7 +216,8 @@ def check_args(args, world_size):
     models.adapter_class(args.model)
     train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir)
     test_split = "test" if data.split_exists(args.dataset, "test") else "train"
-    test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir)[: args.eval_num_prompts]
+    test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir)
+    test = test[:: max(1, len(test) // args.eval_num_prompts)][: args.eval_num_prompts]  # spread over the split
     groups = data.GroupSampler(len(train), args.prompts_per_epoch, args.group_size, world_size, args.batch_size,
                                args.seed)
     nb = groups.num_batches
@@ -277,8 +277,11 @@ def main(args: Args):
         start_epoch, global_step = state["epoch"] + 1, state["step"]
         accelerator.print(f"resumed from {resume} at epoch {start_epoch}")
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if accelerator.is_main_process and not resume and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed run appends
     timer = tracking.Timer()
     n_batches = group_sampler.num_batches
+    # ALGO LOGIC: trained steps and banner
     n_train = args.sde_window_size
     grad_accum = n_batches // args.gradient_steps_per_epoch * n_train  # micro-steps per optimizer step
     accelerator.print(f"***** GRPO: {args.prompts_per_epoch} prompts x {args.group_size} images per epoch, "
@@ -416,10 +419,11 @@ def main(args: Args):
                                             v_ref = adapter.predict(z, sigmas[j], s["cond"], state,
                                                                     args.guidance_scale, args.true_cfg_scale)
                                     else:
-                                        adapter.transformer, live = ref_model, adapter.transformer
+                                        adapter.transformer, live = ref_model.to(device), adapter.transformer
                                         v_ref = adapter.predict(z, sigmas[j], s["cond"], state,
-                                                                args.guidance_scale, args.true_cfg_scale).to(device)
+                                                                args.guidance_scale, args.true_cfg_scale)
                                         adapter.transformer = live
+                                        ref_model.to(args.ref_device or device)  # back to where it is kept
                                     mean_ref, _ = sampler.step_mean_std(z, v_ref, sigmas[j], sigmas[j + 1],
                                                                         args.noise_level, args.dynamics, sigmas[1])
                                 kl = kl_penalty(args.kl_type, v, v_ref, out.mean, mean_ref, out.std)

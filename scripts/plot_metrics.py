@@ -35,8 +35,10 @@ def main():
         label = os.path.basename(os.path.normpath(run))
         ep = [r["epoch"] for r in train]
         rew = [r[f"reward/{a.reward}_mean"] for r in train]
-        ax_ep.plot(ep, rew, label=f"{label} train reward")
-        ax_t.plot([s for s, r in zip(secs, rows) if r in train], rew, label=f"{label} train reward")
+        smooth = [sum(rew[max(0, i - 9):i + 1]) / len(rew[max(0, i - 9):i + 1]) for i in range(len(rew))]
+        ax_ep.plot(ep, rew, alpha=0.3, label=f"{label} train reward")
+        ax_ep.plot(ep, smooth, label=f"{label} train reward (mean of 10 epochs)")
+        ax_t.plot([s for s, r in zip(secs, rows) if r in train], smooth, label=f"{label} train reward (mean of 10 epochs)")
         evals = [(r["epoch"], s, r[a.eval_key]) for s, r in zip(secs, rows) if a.eval_key in r]
         if evals:
             ax_ep.plot([e for e, _, _ in evals], [v for _, _, v in evals], "o--", label=f"{label} {a.eval_key}")

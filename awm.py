@@ -1,0 +1,554 @@
+"""AWM, Advantage Weighted Matching: policy gradient with the flow-matching loss as the log-likelihood.
+
+Rollouts (any solver, the ODE by default) keep only the final latents x0; rewards become group advantages.
+Training re-noises x0 at per-sample timesteps and uses logp = -w(mean_d (v_theta - u)^2, sigma), u = eps - x0, in
+a PPO-clipped ratio against the weights at the start of the epoch, plus a KL to an EMA anchor; CFG-free training.
+Paper: Advantage Weighted Matching (arXiv 2509.25050). Math: docs/awm.md, ALGORITHMS.md F.
+
+    python awm.py                                              # embedded shapes world + model on a CPU
+    python awm.py --model flux1 --tiny                         # tiny random FLUX.1 on a CPU, no downloads
+    accelerate launch awm.py --model flux1 --reward pickscore  # FLUX.1-dev, LoRA, PickScore
+    accelerate launch --multi_gpu --num_processes 8 awm.py --model flux1 --dataset data/my_prompts
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import rewards
+from common import checkpoint, data, models, sampler, timesteps, tracking
+from common.advantages import compute_advantages
+from common.cli import USER_ERRORS, ConfigError, parse_with_presets
+from common.ema import EMA
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = "awm"
+    """name of this run (used in the tracker run name)"""
+    seed: int = 42
+    """seed of prompts, noise, SDE windows and training timesteps (same seed + same flags = same run)"""
+    output_dir: str = "runs/awm"
+    """where metrics.jsonl, samples/, checkpoints/ and lora/ are written"""
+    log_with: Literal["tensorboard", "wandb", "swanlab", "none"] = "tensorboard"
+    """experiment tracker"""
+    resume_from: str | None = None
+    """'latest' or a checkpoint folder to resume from exactly"""
+    # Model
+    model: str = "shapes"
+    """model: shapes (the embedded FLUX.1-architecture shapes model, CPU) or flux1"""
+    model_path: str | None = None
+    """hub id or local folder of the diffusers pipeline (default: the model's hub id)"""
+    tiny: bool = False
+    """use tiny random-weight components built in code (no download; CPU tests and demos)"""
+    finetune: Literal["lora", "full"] = "lora"
+    """train LoRA adapters or all transformer weights"""
+    lora_rank: int = 64
+    """LoRA rank"""
+    lora_alpha: int = 128
+    """LoRA alpha (scale = alpha / rank)"""
+    lora_targets: tuple[str, ...] = ()
+    """LoRA target module suffixes (default: the model's list)"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """frozen weights and forwards in this precision; trainable weights stay fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    attention_backend: str | None = None
+    """diffusers attention backend, e.g. flash, _native_cudnn, sage (default: native SDPA)"""
+    # Data and reward
+    dataset: str = "datasets/demo"
+    """dataset folder with train.txt|jsonl (+ test.txt|jsonl, images/, videos/)"""
+    image_dir: str | None = None
+    """folder for relative image paths (default: <dataset>/images)"""
+    video_dir: str | None = None
+    """folder for relative video paths (default: <dataset>/videos)"""
+    reward: tuple[str, ...] = ("pickscore",)
+    """rewards as NAME[:WEIGHT] or a dotted path package.module.Reward[:WEIGHT]"""
+    reward_paths: tuple[str, ...] = ()
+    """local folders overriding reward hub ids, as NAME=PATH"""
+    advantage_aggregation: Literal["sum", "gdpo"] = "sum"
+    """'sum': z-score the weighted reward sum per group; 'gdpo': z-score each reward, sum, re-standardise"""
+    global_std: bool = False
+    """divide by the std of all rewards of the epoch instead of the group's ('sum' only)"""
+    # Sampling
+    resolution: int = 512
+    """training image height and width"""
+    num_steps: int = 10
+    """denoising steps of a rollout"""
+    guidance_scale: float = 3.5
+    """distilled guidance embedding (FLUX.1-dev) of the rollouts (the training forward uses 1)"""
+    true_cfg_scale: float = 1.0
+    """true classifier-free guidance scale of the rollouts; > 1 with a negative prompt doubles the batch"""
+    negative_prompt: str | None = None
+    """negative prompt for rows that give none (enables true CFG)"""
+    max_sequence_length: int = 512
+    """text tokens for the T5 encoder"""
+    dynamics: Literal["ODE", "Flow-SDE", "Dance-SDE", "CPS"] = "ODE"
+    """rollout solver: the ODE, or stochastic steps inside the SDE window"""
+    noise_level: float = 0.7
+    """eta, the SDE noise level (SDE dynamics only)"""
+    sde_window_size: int = 1
+    """number of consecutive SDE steps per rollout (SDE dynamics only)"""
+    sde_window_range: tuple[int, int] = (1, 4)
+    """the window lies in steps [lo, hi); its start is drawn per epoch"""
+    latent_storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """dtype of the stored final latents"""
+    group_size: int = 16
+    """K, images per prompt"""
+    prompts_per_epoch: int = 48
+    """M, distinct prompts per epoch (M*K must divide by num_processes*batch_size)"""
+    batch_size: int = 2
+    """micro-batch per process, for rollout and training alike"""
+    # Training
+    learning_rate: float = 3e-4
+    """AdamW learning rate"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    gradient_steps_per_epoch: int = 2
+    """G, optimizer steps per inner epoch (the ratio leaves 1 from the 2nd: old policy = start of the epoch)"""
+    num_inner_epochs: int = 1
+    """passes over an epoch's samples"""
+    clip_range: float = 1.0
+    """PPO clip epsilon on the per-sample ratio"""
+    adv_clip: float = 5.0
+    """advantages are clipped to +-adv_clip, then divided by adv_clip (into [-1, 1])"""
+    adv_eps: float = 1e-4
+    """added to the std when normalising advantages"""
+    kl_beta: float = 0.0
+    """weight of the v-space KL mean (v_theta - v_ref)^2 to the reference model (0: off, no reference)"""
+    ref_device: str | None = None
+    """device of the frozen reference copy for full fine-tuning (default: the training device)"""
+    ema_decay: float = 0.9
+    """EMA decay of the trained weights used for evaluation and saving"""
+    ema_interval: int = 4
+    """update the EMA every this many epochs"""
+    # AWM
+    num_train_timesteps: int = 4
+    """T, training timesteps per sample (0: max(1, int(num_steps * (hi - lo))))"""
+    time_sampler: Literal["uniform", "logit_normal", "discrete", "discrete_with_init", "discrete_wo_init"] = "discrete"
+    """how the training timesteps are drawn, per sample (common/timesteps.py)"""
+    timestep_range: tuple[float, float] = (0.0, 0.7)
+    """(lo, hi) fractions along the denoising axis: training sigmas lie in [1 - hi, 1 - lo]"""
+    time_shift: float = 3.0
+    """shift applied to sigma by the uniform and logit_normal samplers (> 1 favours noisy timesteps)"""
+    anchor_schedule: Literal["constant", "power", "linear", "piecewise_linear", "cosine", "warmup_cosine"] = "linear"
+    """EMA decay schedule of the anchor of the EMA-KL, indexed by optimizer step (ALGORITHMS.md E.6, F.4)"""
+    anchor_decay: float = 0.3
+    """the anchor's maximum EMA decay"""
+    anchor_warmup_steps: int = 300
+    """linear (and power, warmup_cosine): optimizer steps to reach the maximum decay"""
+    awm_weighting: Literal["Uniform", "t", "t**2", "huber", "ghuber"] = "ghuber"
+    """w(l, sigma) of logp = -w (ALGORITHMS.md F.2)"""
+    ghuber_power: float = 0.25
+    """p of the ghuber weighting"""
+    ema_kl_beta: float = 0.1
+    """weight of the EMA-KL mean (v_theta - v_ema)^2 to the EMA anchor (0: off)"""
+    # Schedule and outputs
+    num_epochs: int = 100
+    """training epochs"""
+    eval_every: int = 10
+    """evaluate every this many epochs (and after the last; 0: never)"""
+    eval_before: bool = True
+    """evaluate the base model before training"""
+    eval_resolution: int = 512
+    """evaluation image size"""
+    eval_num_steps: int = 20
+    """evaluation ODE steps"""
+    eval_num_prompts: int = 32
+    """test prompts per evaluation (the test split, else the train split)"""
+    eval_batch_size: int = 8
+    """images per evaluation forward"""
+    eval_seed: int = 10_000
+    """test prompt i is sampled from noise seed eval_seed + i (change it to measure evaluation noise)"""
+    save_every: int = 10
+    """checkpoint every this many epochs (and after the last)"""
+    checkpoints_total_limit: int = 3
+    """keep this many checkpoints"""
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PRESETS = {
+    # the embedded default: AWM on the shapes world with the rule-checked reward, on a CPU (README)
+    "shapes": dict(model_path=os.path.join(HERE, "models/shapes-flux"), dataset=os.path.join(HERE, "datasets/shapes"),
+                   reward=("shapes",), resolution=64, eval_resolution=64, num_steps=10, eval_num_steps=10,
+                   guidance_scale=1.0, true_cfg_scale=3.0, negative_prompt="", max_sequence_length=32, group_size=8,
+                   prompts_per_epoch=8, batch_size=16, finetune="full", learning_rate=3e-5, num_train_timesteps=4,
+                   timestep_range=(0.0, 0.9), num_epochs=30, eval_every=30, eval_num_prompts=480, eval_batch_size=64,
+                   save_every=30, ema_decay=0.5, ema_interval=1, log_with="none", output_dir="runs/awm-shapes"),
+    # FLUX.1-dev LoRA: ODE rollouts, T=4 discrete timesteps in the noisier 70%, ghuber 0.25, EMA-KL 0.1
+    "flux1": dict(mixed_precision="bf16", gradient_checkpointing=True, latent_storage_dtype="fp16"),
+}
+TINY_PRESETS = {
+    # a few seconds per epoch on a CPU: 64 px, 4 steps, 4 prompts x 4 images, weight-free reward
+    "flux1": dict(resolution=64, eval_resolution=64, num_steps=4, eval_num_steps=4, group_size=4,
+                  prompts_per_epoch=4, batch_size=2, lora_rank=4, lora_alpha=8, max_sequence_length=32,
+                  reward=("jpeg_compressibility",), num_epochs=2, eval_every=1, save_every=1, eval_num_prompts=4,
+                  learning_rate=1e-3, clip_range=1e-4, anchor_warmup_steps=4, ema_interval=1, mixed_precision="no",
+                  gradient_checkpointing=False, output_dir="runs/awm-tiny"),
+}
+
+
+# ALGO LOGIC: the AWM loss
+def ppo_clip_loss(log_prob, old_log_prob, adv, clip_range):
+    """PPO-clipped policy loss (ALGORITHMS.md C.4); returns (loss, ratio)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(-adv * ratio, -adv * clipped).mean(), ratio
+
+
+def awm_weight(ell, sigma, weighting, power=0.25):
+    """w(l, sigma) of ALGORITHMS.md F.2 (the "t" of the names is sigma in [0, 1]); increasing in l."""
+    if weighting == "huber":
+        return sigma * (torch.sqrt(ell + 1e-10) - 1e-5)
+    if weighting == "ghuber":  # p = 1: "t"; p = 0.5: 2 x "huber"; small p damps large errors
+        return sigma * ((ell + 1e-10) ** power - 1e-10**power) / power
+    return {"Uniform": 1.0, "t": sigma, "t**2": sigma**2}[weighting] * ell
+
+
+def awm_log_prob(v, u, sigma, weighting, power=0.25):
+    """logp = -w(l, sigma) with l = mean_d (v - u)^2 in float64 (ALGORITHMS.md F.2); (B,) float32."""
+    ell = ((v.double() - u.double()) ** 2).flatten(1).mean(1)
+    return -awm_weight(ell, sigma.double(), weighting, power).float()
+
+
+def check_args(args, world_size):
+    """Everything that can be checked before a model loads."""
+    if args.group_size < 2:
+        raise ConfigError("--group-size must be >= 2 (advantages are relative within a group)")
+    lo, hi = args.sde_window_range
+    if args.dynamics != "ODE" and not (1 <= args.sde_window_size and 0 <= lo
+                                       and lo + args.sde_window_size <= min(hi, args.num_steps)):
+        raise ConfigError(f"--sde-window-size {args.sde_window_size} does not fit --sde-window-range {lo} {hi} "
+                          f"within {args.num_steps} steps")
+    timesteps.check_config(args.time_sampler, args.num_train_timesteps, args.timestep_range, args.time_shift)
+    if args.ghuber_power <= 0:
+        raise ConfigError(f"--ghuber-power must be > 0, got {args.ghuber_power}")
+    rewards.check_specs(list(args.reward))
+    paths = dict(p.split("=", 1) for p in args.reward_paths if "=" in p)
+    if len(paths) != len(args.reward_paths):
+        raise ConfigError("--reward-paths entries must be NAME=PATH")
+    models.adapter_class(args.model)
+    train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir)
+    test_split = "test" if data.split_exists(args.dataset, "test") else "train"
+    test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir)
+    test = test[:: max(1, len(test) // args.eval_num_prompts)][: args.eval_num_prompts]  # spread over the split
+    groups = data.GroupSampler(len(train), args.prompts_per_epoch, args.group_size, world_size, args.batch_size,
+                               args.seed)
+    nb = groups.num_batches
+    if nb % args.gradient_steps_per_epoch:
+        raise ConfigError(f"{nb} micro-batches per process per epoch do not split into "
+                          f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} equal steps")
+    resume = checkpoint.resolve(args.resume_from, os.path.join(args.output_dir, "checkpoints")) \
+        if args.resume_from else None
+    return train, test, groups, paths, resume
+
+
+def main(args: Args):
+    # SHARED: setup
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              log_with=None if args.log_with == "none" else args.log_with,
+                              project_dir=args.output_dir)
+    train_items, test_items, group_sampler, reward_paths, resume = check_args(args, accelerator.num_processes)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    set_seed(args.seed, device_specific=True)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
+    if args.log_with != "none":
+        accelerator.init_trackers(args.exp_name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
+    storage_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.latent_storage_dtype]
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+
+    # SHARED: model
+    adapter = models.load(args.model, args.model_path, tiny=args.tiny, device=device, dtype=weight_dtype)
+    transformer = adapter.pipe.transformer
+    if args.attention_backend:
+        transformer.set_attention_backend(args.attention_backend)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if args.finetune == "lora":
+        n_lora = adapter.add_lora(args.lora_rank, args.lora_alpha, args.lora_targets or None)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable weights in fp32 under mixed precision
+        accelerator.print(f"LoRA rank {args.lora_rank} on {n_lora} modules")
+    else:
+        transformer.requires_grad_(True)
+    ref_model = None
+    if args.kl_beta > 0 and args.finetune == "full":
+        ref_model = copy.deepcopy(transformer).requires_grad_(False).to(args.ref_device or device)
+    params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    reward_set = rewards.load_rewards(list(args.reward), reward_paths, device=device)
+
+    # SHARED: optimizer, EMA, resume
+    optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    ema = EMA(params.values(), interval=args.ema_interval, schedule="power", decay=args.ema_decay)
+    adapter.transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    start_epoch, global_step = 0, 0
+    if resume:
+        state = checkpoint.load(resume, params, optimizer, ema)
+        start_epoch, global_step = state["epoch"] + 1, state["step"]
+        accelerator.print(f"resumed from {resume} at epoch {start_epoch}")
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if accelerator.is_main_process and not resume and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed run appends
+    timer = tracking.Timer()
+    n_batches = group_sampler.num_batches
+    # ALGO LOGIC: training timesteps per sample, the old policy (theta at the start of the epoch), the EMA anchor
+    n_train = timesteps.num_timesteps(args.num_train_timesteps, args.num_steps, args.timestep_range)
+    grad_accum = n_batches // args.gradient_steps_per_epoch * n_train  # micro-steps per optimizer step
+    anchor = EMA(params.values(), schedule=args.anchor_schedule, decay=args.anchor_decay,
+                 warmup_steps=args.anchor_warmup_steps)
+    if resume:
+        if not os.path.isfile(os.path.join(resume, "anchor_ema.safetensors")):
+            raise checkpoint.CheckpointError(f"{resume}: no anchor_ema.safetensors (not an awm.py checkpoint)")
+        anchor.load_state_dict(load_file(os.path.join(resume, "anchor_ema.safetensors")))
+    timesteps.sample_sigmas(args.time_sampler, n_train, 1, adapter.sigmas(args.num_steps, adapter.make_state(
+        args.resolution, args.resolution)), args.timestep_range, args.time_shift)  # a bad range fails now, in one line
+    accelerator.print(f"***** AWM: {args.prompts_per_epoch} prompts x {args.group_size} images per epoch, {world} x "
+                      f"{n_batches} batches of {args.batch_size}, T={n_train}, G={args.gradient_steps_per_epoch} *****")
+
+    def encode(items):
+        negatives = [it.negative_prompt or args.negative_prompt for it in items]
+        return adapter.encode_prompt([it.prompt for it in items],
+                                     negatives if any(n is not None for n in negatives) else None,
+                                     args.max_sequence_length)
+
+    def predictor(cond, state, sigmas):
+        return lambda z, i: adapter.predict(z, sigmas[i], cond, state, args.guidance_scale, args.true_cfg_scale)
+
+    def score(items, images):
+        meta = [{**it.metadata, "prompt": it.prompt, "images": it.images, "videos": it.videos} for it in items]
+        return reward_set.score(images, [it.prompt for it in items], meta)
+
+    # SHARED: evaluation
+    @torch.no_grad()
+    def evaluate(epoch):
+        """ODE sampling of the test prompts with EMA weights and per-prompt fixed noise; returns metrics
+        and the first images (for the before/after grid)."""
+        state = adapter.make_state(args.eval_resolution, args.eval_resolution)
+        sigmas = adapter.sigmas(args.eval_num_steps, state)
+        per_rank = -(-len(test_items) // world)  # padded so that every rank gathers as many
+        mine = [i % len(test_items) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+        scores, images = {k: [] for k in reward_set.names}, []
+        shown = mine[:: max(1, len(mine) // 16)][:16]  # grid: 16 prompts spread over the test split
+        with ema.swapped_in(), accelerator.autocast():
+            for start in range(0, len(mine), args.eval_batch_size):
+                idx = mine[start:start + args.eval_batch_size]
+                items = [test_items[i] for i in idx]
+                z = torch.cat([adapter.prepare_noise(1, args.eval_resolution, args.eval_resolution,
+                                                     torch.Generator().manual_seed(args.eval_seed + i)) for i in idx])
+                traj = sampler.rollout(predictor(encode(items), state, sigmas), z, sigmas)
+                imgs = adapter.decode(traj.final, state)
+                for k, v in score(items, imgs).items():
+                    scores[k].append(v)
+                images += [img.cpu() for i, img in zip(idx, imgs) if i in shown]
+        out, metadata = {}, [it.metadata for it in test_items]
+        for k, v in scores.items():
+            all_k = accelerator.gather(torch.cat(v).to(device)).cpu()[: len(test_items)]
+            out[f"eval/reward_{k}"] = all_k.mean().item()
+            if hasattr(reward_set.rewards[k], "eval_metrics"):  # e.g. strict accuracy per category
+                out.update({f"eval/{k}_{m}": x for m, x in reward_set.rewards[k].eval_metrics(all_k, metadata).items()})
+        images = torch.stack(images[:16])
+        if accelerator.is_main_process:
+            tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"),
+                                  f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base", images,
+                                  [test_items[i].prompt for i in shown], epoch)
+        return out, images
+
+    base_eval = None
+    if args.eval_before and start_epoch == 0 and args.eval_every > 0:
+        with timer("eval"):
+            base_eval, base_images = evaluate(-1)
+        if accelerator.is_main_process:
+            tracking.append_jsonl(metrics_path, {"epoch": -1, **base_eval, **timer.pop(),
+                                                 **tracking.peak_memory_gb(device)})
+
+    for epoch in range(start_epoch, args.num_epochs):
+        # ---- SAMPLING ----
+        plan = group_sampler.plan(epoch)
+        window = sampler.draw_sde_window(args.num_steps, args.sde_window_size, *args.sde_window_range,
+                                         seed=args.seed * 100_003 + epoch) if args.dynamics != "ODE" else []
+        state = adapter.make_state(args.resolution, args.resolution)
+        sigmas = adapter.sigmas(args.num_steps, state).to(device)
+        samples = []
+        adapter.transformer.eval()
+        for b, (idx, groups) in enumerate(tqdm(group_sampler.local_batches(epoch, rank), desc=f"epoch {epoch} rollout",
+                                               disable=not accelerator.is_local_main_process, leave=False)):
+            items = [train_items[i] for i in idx]
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + rank * 101 + b)
+            with timer("rollout"), accelerator.autocast():
+                cond = encode(items)
+                z = adapter.prepare_noise(len(idx), args.resolution, args.resolution, gen)
+                traj = sampler.rollout(predictor(cond, state, sigmas), z, sigmas, window, args.noise_level,
+                                       args.dynamics, generator=torch.Generator(device).manual_seed(gen.initial_seed() + 1),
+                                       storage_dtype=storage_dtype, keep=set())  # only the final latent x0
+                images = adapter.decode(traj.final, state)
+            with timer("reward"):
+                scores = score(items, images)
+            samples.append(dict(cond=cond, x0=traj.final.to(storage_dtype), scores=scores))
+            if b == 0 and accelerator.is_main_process and args.eval_every and (epoch + 1) % args.eval_every == 0:
+                tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), f"train_epoch{epoch:04d}",
+                                      images, [it.prompt for it in items], epoch)
+
+        # ---- ADVANTAGES ----
+        with timer("reward"):
+            raw = {k: accelerator.gather(torch.cat([s["scores"][k] for s in samples]).to(device)).cpu()
+                   for k in reward_set.names}
+            all_groups = torch.tensor(plan.groups)
+            for k in reward_set.names:
+                if reward_set.is_groupwise(k):  # rank within each group of K, which may span ranks
+                    order = torch.argsort(all_groups, stable=True)
+                    gk = reward_set.group_transform(k, raw[k][order].view(-1, args.group_size))
+                    raw[k] = torch.empty_like(raw[k]).index_copy_(0, order, gk.flatten().to(raw[k].dtype))
+            adv_all = compute_advantages(raw, reward_set.weights, all_groups, args.advantage_aggregation,
+                                         args.global_std, args.adv_eps, args.adv_clip)
+            n_local = len(adv_all) // world
+            adv_local = adv_all[rank * n_local:(rank + 1) * n_local].to(device)
+            for s, a in zip(samples, adv_local.split(args.batch_size)):
+                s["adv"] = a
+
+        # ---- TRAINING ----
+        stats = {"loss": [], "policy_loss": [], "kl": [], "ema_kl": [], "ratio": [], "clipfrac": [], "approx_kl": []}
+        onpolicy_dev = None  # |ratio - 1| of the first micro-batch: 0 unless the snapshot and training disagree
+        adapter.transformer.train()
+        micro, epoch_start_step = 0, global_step
+        start = EMA(params.values())  # a copy of theta, never stepped: the old policy of the ratio
+        with timer("train"):
+            for inner in range(args.num_inner_epochs):
+                order = list(range(len(samples))) if inner == 0 else torch.randperm(
+                    len(samples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch * 10 + inner)).tolist()
+                for b in tqdm(order, desc=f"epoch {epoch} train", disable=not accelerator.is_local_main_process,
+                              leave=False):
+                    s = samples[b]
+                    x0, adv = s["x0"].float(), s["adv"] / args.adv_clip  # clamp(A, -5, 5) / 5
+                    gen = torch.Generator().manual_seed(  # T sigmas per sample, fresh noise per (sample, timestep)
+                        args.seed * 7_000_003 + epoch * 10_007 + inner * 1009 + rank * 101 + b)
+                    sig = timesteps.sample_sigmas(args.time_sampler, n_train, len(x0), sigmas, args.timestep_range,
+                                                  args.time_shift, generator=gen).to(device)
+                    eps = torch.randn((n_train, *x0.shape), generator=gen).to(device)
+                    z_t = torch.lerp(x0, eps, sig.view(*sig.shape, *[1] * (x0.dim() - 1)))  # (1 - sigma) x0 + sigma eps
+                    v_old, v_ema = [None] * n_train, [None] * n_train
+                    with torch.no_grad(), accelerator.autocast():  # swapped weights before the backward; CFG-free
+                        if global_step > epoch_start_step or micro == 0:  # else theta is still the snapshot
+                            with start.swapped_in():
+                                v_old = [adapter.predict(z_t[j], sig[j], s["cond"], state, 1.0, 1.0) for j in range(n_train)]
+                        if args.ema_kl_beta > 0:
+                            with anchor.swapped_in():
+                                v_ema = [adapter.predict(z_t[j], sig[j], s["cond"], state, 1.0, 1.0) for j in range(n_train)]
+                    for j in range(n_train):
+                        sync = (micro + 1) % grad_accum == 0
+                        with (contextlib.nullcontext() if sync else accelerator.no_sync(adapter.transformer)):
+                            with accelerator.autocast():
+                                v = adapter.predict(z_t[j], sig[j], s["cond"], state, 1.0, 1.0)
+                            u, w = eps[j] - x0, (args.awm_weighting, args.ghuber_power)
+                            log_prob = awm_log_prob(v, u, sig[j], *w)
+                            old_log_prob = log_prob.detach() if v_old[j] is None else awm_log_prob(v_old[j], u, sig[j], *w)
+                            policy_loss, ratio = ppo_clip_loss(log_prob, old_log_prob, adv, args.clip_range)
+                            ema_kl = ((v - v_ema[j]) ** 2).mean() if args.ema_kl_beta > 0 else torch.zeros(())
+                            loss, kl = policy_loss + args.ema_kl_beta * ema_kl, torch.zeros(())
+                            if args.kl_beta > 0:
+                                with torch.no_grad(), accelerator.autocast():
+                                    if ref_model is None:
+                                        with adapter.lora_disabled():
+                                            v_ref = adapter.predict(z_t[j], sig[j], s["cond"], state, 1.0, 1.0)
+                                    else:
+                                        adapter.transformer, live = ref_model.to(device), adapter.transformer
+                                        v_ref = adapter.predict(z_t[j], sig[j], s["cond"], state, 1.0, 1.0)
+                                        adapter.transformer = live
+                                        ref_model.to(args.ref_device or device)  # back to where it is kept
+                                kl = ((v - v_ref) ** 2).mean()  # v-space: mean_b mean_d
+                                loss = loss + args.kl_beta * kl
+                            accelerator.backward(loss / grad_accum)
+                        if sync:
+                            grad_norm = accelerator.clip_grad_norm_(params.values(), args.max_grad_norm)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                            global_step += 1
+                        micro += 1
+                        if onpolicy_dev is None:
+                            onpolicy_dev = (ratio.detach() - 1).abs().max()
+                        for k, x in zip(("loss", "policy_loss", "kl", "ema_kl", "ratio"), (loss, policy_loss, kl, ema_kl, ratio)):
+                            stats[k].append(x.detach())
+                        stats["clipfrac"].append(((ratio.detach() - 1).abs() > args.clip_range).float().mean())
+                        stats["approx_kl"].append(0.5 * ((log_prob.detach() - old_log_prob) ** 2).mean())
+        ema.step(epoch)
+        anchor.step(global_step - 1)  # decay indexed by the last optimizer step (ALGORITHMS.md F.4)
+
+        # SHARED: logging
+        ratios = torch.cat(stats.pop("ratio")).float()
+        record = {"epoch": epoch, "step": global_step, "samples": len(adv_all), "sde_window": window, "lr": optimizer.param_groups[0]["lr"],
+                  "grad_norm": float(grad_norm) if global_step else None}
+        for k, v in raw.items():
+            record[f"reward/{k}_mean"], record[f"reward/{k}_std"] = v.mean().item(), v.std(unbiased=False).item()
+        record.update({"adv/mean": adv_all.mean().item(), "adv/std": adv_all.std(unbiased=False).item(),
+                       "adv/abs_max": adv_all.abs().max().item(), "adv/zero_frac": (adv_all == 0).float().mean().item()})
+        for k, v in stats.items():
+            record[f"train/{k}"] = accelerator.reduce(torch.stack(v).float().mean().to(device), "mean").item()
+        ratio_stats = accelerator.gather(torch.stack([ratios.mean(), ratios.min(), ratios.max()]).to(device)).view(-1, 3)
+        record["train/onpolicy_ratio_dev"] = accelerator.reduce(onpolicy_dev.to(device), "max").item()
+        record.update({"train/ratio_mean": ratio_stats[:, 0].mean().item(), "train/ratio_min": ratio_stats[:, 1].min().item(),
+                       "train/ratio_max": ratio_stats[:, 2].max().item()})
+        last = epoch == args.num_epochs - 1
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
+            with timer("eval"):
+                final_eval, final_images = evaluate(epoch)
+                record.update(final_eval)
+        record.update(timer.pop())
+        record.update(tracking.peak_memory_gb(device))
+        if accelerator.is_main_process:
+            tracking.append_jsonl(metrics_path, record)
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch)
+            accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in record.items() if k.startswith(("epoch", "reward/", "train/loss",
+                                                                                    "eval/", "time/"))))
+
+        # SHARED: checkpoint
+        if (epoch + 1) % args.save_every == 0 or last:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                checkpoint.save(os.path.join(args.output_dir, "checkpoints"), global_step, params, optimizer, ema,
+                                meta={"epoch": epoch}, total_limit=args.checkpoints_total_limit)
+        # ALGO LOGIC: the EMA anchor is part of the checkpoint
+        if accelerator.is_main_process and ((epoch + 1) % args.save_every == 0 or last):
+            save_file(anchor.state_dict(), f"{args.output_dir}/checkpoints/checkpoint-{global_step}/anchor_ema.safetensors")
+
+    # SHARED: save
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and start_epoch < args.num_epochs:  # --num-epochs 0: evaluate only
+        with ema.swapped_in():
+            if args.finetune == "lora":
+                adapter.save_lora(os.path.join(args.output_dir, "lora"))
+            else:
+                transformer.save_pretrained(os.path.join(args.output_dir, "transformer"))
+        if base_eval is not None and args.eval_every:  # before/after table and grid
+            accelerator.print(tracking.before_after_table(base_eval, final_eval))
+            tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), "before_after",
+                                  torch.cat([base_images, final_images]), ["base"] * len(base_images)
+                                  + ["trained"] * len(final_images), args.num_epochs)
+        accelerator.print(f"saved to {args.output_dir}")
+    if base_eval is not None and accelerator.is_main_process:
+        accelerator.print(" ".join(f"{k[5:]}={v:.4f}" for k, v in base_eval.items()))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    cli_args = parse_with_presets(Args, PRESETS, TINY_PRESETS)
+    try:
+        main(cli_args)
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
