@@ -43,7 +43,7 @@ class Adapter:
         if os.path.sep in str(path) and not os.path.isdir(path):
             raise ModelError(f"--model-path {path} is not a folder")
         try:
-            pipe = cls.pipeline_cls.from_pretrained(path, torch_dtype=dtype)
+            pipe = cls.pipeline_cls.from_pretrained(path, dtype=dtype)
         except OSError as e:
             raise ModelError(f"cannot load {cls.name} from {path!r}: {str(e).splitlines()[0]} "
                              "(pass --model-path to a local copy, or --tiny)") from None
