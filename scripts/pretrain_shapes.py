@@ -23,6 +23,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import shapes  # noqa: E402
 from common.models import tiny_parts  # noqa: E402
+from common.models.flux1 import SCHEDULER_CONFIG  # noqa: E402
 
 
 @dataclass
@@ -112,9 +113,8 @@ def build_pipeline(vae):
     tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
                                 attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
                                 pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                            base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2,
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=te,
+                        tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2,
                         transformer=tr, image_encoder=None, feature_extractor=None)
 
 

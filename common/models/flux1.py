@@ -14,6 +14,11 @@ from common.models import tiny_parts
 from common.models.base import Adapter
 
 
+# FLUX.1-dev's scheduler_config.json: exponential dynamic shift with mu from the token count
+SCHEDULER_CONFIG = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                        max_image_seq_len=4096)
+
+
 class Flux1Adapter(Adapter):
     name = "flux1"
     pipeline_cls = FluxPipeline
@@ -31,11 +36,10 @@ class Flux1Adapter(Adapter):
         tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                     pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-        sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-        return FluxPipeline(scheduler=sched, vae=tiny_parts.kl_vae_8x(0.3611, 0.1159), text_encoder=te,
-                            tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2, transformer=tr,
-                            image_encoder=None, feature_extractor=None)
+        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+                            vae=tiny_parts.kl_vae_8x(0.3611, 0.1159), text_encoder=te, tokenizer=tok,
+                            text_encoder_2=te2, tokenizer_2=tok2, transformer=tr, image_encoder=None,
+                            feature_extractor=None)
 
     @torch.no_grad()
     def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512):
