@@ -88,11 +88,11 @@ def test_split_exists_and_test_split(tmp_path):
     assert load_split(str(tmp_path), "test") == [Item("t")]
 
 
-def test_demo_dataset_if_present():
-    demo = os.path.join(os.path.dirname(__file__), "..", "datasets", "demo")
-    if not split_exists(demo, "train"):
-        pytest.skip("datasets/demo has no train split yet")
-    assert len(load_split(demo)) > 0
+def test_shipped_datasets_load():
+    root = os.path.join(os.path.dirname(__file__), "..", "datasets")
+    for name in ("demo", "shapes"):
+        assert split_exists(os.path.join(root, name), "train") and split_exists(os.path.join(root, name), "test")
+        assert len(load_split(os.path.join(root, name))) > 0 and len(load_split(os.path.join(root, name), "test")) > 0
 
 
 # ---- errors: one line, naming file and line ----
