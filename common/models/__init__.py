@@ -5,6 +5,13 @@ from common.models.base import Adapter, ModelError
 
 MODELS = {
     "flux1": "common.models.flux1:Flux1Adapter",
+    "flux1-kontext": "common.models.flux1_kontext:Flux1KontextAdapter",
+    "sd3_5": "common.models.sd3:SD3Adapter",
+    "z-image": "common.models.z_image:ZImageAdapter",
+    "qwen-image": "common.models.qwen_image:QwenImageAdapter",
+    "qwen-image-edit-plus": "common.models.qwen_image:QwenImageEditPlusAdapter",
+    "flux2": "common.models.flux2:Flux2Adapter",
+    "flux2-klein": "common.models.flux2:Flux2KleinAdapter",
     # the embedded shapes model (models/shapes-flux) is a FLUX.1-architecture pipeline: same adapter
     "shapes": "common.models.flux1:Flux1Adapter",
 }
@@ -17,6 +24,7 @@ def adapter_class(name: str) -> type[Adapter]:
     return getattr(importlib.import_module(module), cls)
 
 
-def load(name: str, path=None, tiny=False, device="cpu", dtype=None) -> Adapter:
+def load(name: str, path=None, tiny=False, device="cpu", dtype=None, variant=None, condition_max_pixels=None) -> Adapter:
     import torch
-    return adapter_class(name).load(path, tiny=tiny, device=device, dtype=dtype or torch.float32)
+    return adapter_class(name).load(path, tiny=tiny, device=device, dtype=dtype or torch.float32, variant=variant,
+                                    condition_max_pixels=condition_max_pixels)

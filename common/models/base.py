@@ -19,11 +19,18 @@ class Adapter:
     name = "base"
     pipeline_cls = None            # diffusers pipeline class (save_lora_weights, from_pretrained)
     hub_id = None                  # default checkpoint
+    variants: dict[str, str] = {}  # --variant NAME -> hub id (the first is the default); also picks the tiny build
     default_target_modules: list[str] = []
     trainable_components = ("transformer",)
+    # condition images per sample (jsonl `image`/`images`): "none", "one" (exactly one), "many" (one or
+    # more), "optional" (zero or more)
+    condition_images = "none"
+    default_condition_max_pixels = None  # the pipeline's own area for condition images
 
-    def __init__(self, pipe, device="cpu", dtype=torch.float32):
+    def __init__(self, pipe, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None):
         self.pipe, self.device, self.dtype = pipe, torch.device(device), dtype
+        self.variant = variant or (next(iter(self.variants)) if self.variants else None)
+        self.condition_max_pixels = condition_max_pixels or self.default_condition_max_pixels
         for comp in pipe.components.values():
             if isinstance(comp, torch.nn.Module):
                 comp.requires_grad_(False).eval()
@@ -35,11 +42,16 @@ class Adapter:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, path=None, tiny=False, device="cpu", dtype=torch.float32):
+    def load(cls, path=None, tiny=False, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None):
         """tiny: random tiny components built in code; else `path` (hub id or local folder)."""
+        if variant is not None and variant not in cls.variants:
+            known = ", ".join(cls.variants) or "none"
+            raise ModelError(f"{cls.name} has no variant {variant!r}; known: {known}")
+        variant = variant or (next(iter(cls.variants)) if cls.variants else None)
+        kw = dict(variant=variant, condition_max_pixels=condition_max_pixels)
         if tiny:
-            return cls(cls.build_tiny(), device, dtype)
-        path = path or cls.hub_id
+            return cls(cls.build_tiny(variant) if cls.variants else cls.build_tiny(), device, dtype, **kw)
+        path = path or cls.variants.get(variant, cls.hub_id)
         if os.path.sep in str(path) and not os.path.isdir(path):
             raise ModelError(f"--model-path {path} is not a folder")
         try:
@@ -47,14 +59,16 @@ class Adapter:
         except OSError as e:
             raise ModelError(f"cannot load {cls.name} from {path!r}: {str(e).splitlines()[0]} "
                              "(pass --model-path to a local copy, or --tiny)") from None
-        return cls(pipe, device, dtype)
+        return cls(pipe, device, dtype, **kw)
 
     @classmethod
-    def build_tiny(cls):
+    def build_tiny(cls, variant=None):
         raise NotImplementedError(f"{cls.name} has no tiny build")
 
     # ---- the RL interface (model-specific) ------------------------------------------------------
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512) -> dict:
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None) -> dict:
+        """Batch-first conditioning tensors. `images`: None, or one list of PIL RGB condition images per
+        prompt (models with condition_images != "none"); their latents go into the returned dict."""
         raise NotImplementedError
 
     def prepare_noise(self, n, height, width, generator=None) -> torch.Tensor:

@@ -42,7 +42,7 @@ class Flux1Adapter(Adapter):
                             feature_extractor=None)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512):
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
         # encode each distinct prompt once (a batch holds K copies of a few prompts)
         def encode(texts):
             uniq = list(dict.fromkeys(texts))

@@ -56,3 +56,47 @@ def kl_vae_8x(scaling_factor, shift_factor, latent_channels=16, width=8, seed=0)
                          layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=64,
                          use_quant_conv=False, use_post_quant_conv=False, scaling_factor=scaling_factor,
                          shift_factor=shift_factor).eval()
+
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# a small Qwen chat template: string or [{type: text|image}] content, and the enable_thinking switch
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def qwen2_tokenizer(max_length=32768):
+    """Byte-level Qwen2 tokenizer (one token per byte) with the Qwen special tokens and a chat template."""
+    from transformers import Qwen2Tokenizer
+    tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(_BYTES)}, merges=[], model_max_length=max_length)
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% for c in m['content'] %}{{ c['text'] }}{% endfor %}"
+    "[/SYSTEM_PROMPT]{% else %}[INST]{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% else %}[IMG]{% endif %}{% endfor %}[/INST]{% endif %}{% endfor %}")
+
+
+def mistral_tokenizer(max_length=131072):
+    """Byte-level fast tokenizer with Mistral's control tokens and a chat template (FLUX.2's text encoder)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(_BYTES)}, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    t.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, model_max_length=max_length, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                                                          "[IMG]"]})
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tok
