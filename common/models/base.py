@@ -6,6 +6,7 @@ predict a velocity (CFG included), decode to images in [0, 1]. `predict` is a pu
 inputs so training can re-run it at stored latents. Sampler math lives in common/sampler.py.
 """
 import os
+import re
 from contextlib import contextmanager
 
 import torch
@@ -20,7 +21,7 @@ class Adapter:
     pipeline_cls = None            # diffusers pipeline class (save_lora_weights, from_pretrained)
     hub_id = None                  # default checkpoint
     variants: dict[str, str] = {}  # --variant NAME -> hub id (the first is the default); also picks the tiny build
-    default_target_modules: list[str] = []
+    default_target_modules: list[str] | str = []  # suffixes, or one full-name regex
     trainable_components = ("transformer",)
     # condition images per sample (jsonl `image`/`images`): "none", "one" (exactly one), "many" (one or
     # more), "optional" (zero or more)
@@ -103,13 +104,19 @@ class Adapter:
         return {k: v[index] if torch.is_tensor(v) else v for k, v in cond.items()}
 
     def add_lora(self, rank, alpha, target_modules=None, init="gaussian"):
-        """Attach a LoRA adapter; every target must match at least one module (no silent skips)."""
+        """Attach a LoRA adapter; every target must match at least one module (no silent skips).
+        Targets are module-name suffixes, or one regex string matched against full names (as PEFT does)."""
         from peft import LoraConfig
-        targets = list(target_modules or self.default_target_modules)
+        targets = target_modules or self.default_target_modules
         names = [n for n, _ in self.pipe.transformer.named_modules()]
-        for t in targets:
-            if not any(n == t or n.endswith("." + t) for n in names):
-                raise ModelError(f"LoRA target {t!r} matches no module of the {self.name} transformer")
+        if isinstance(targets, str):
+            if not any(re.fullmatch(targets, n) for n in names):
+                raise ModelError(f"LoRA target regex {targets!r} matches no module of the {self.name} transformer")
+        else:
+            targets = list(targets)
+            for t in targets:
+                if not any(n == t or n.endswith("." + t) for n in names):
+                    raise ModelError(f"LoRA target {t!r} matches no module of the {self.name} transformer")
         self.pipe.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                                                      init_lora_weights=init))
         return sum(1 for n, m in self.pipe.transformer.named_modules() if hasattr(m, "lora_A"))
