@@ -46,11 +46,14 @@ class Args:
     """'latest' or a checkpoint folder to resume from exactly"""
     # Model
     model: str = "shapes"
-    """model: shapes (the embedded FLUX.1-architecture shapes model, CPU) or flux1"""
+    """shapes (the embedded FLUX.1-architecture model, CPU), flux1, flux1-kontext, sd3_5, z-image, qwen-image,
+    qwen-image-edit-plus, flux2 or flux2-klein"""
     model_path: str | None = None
     """hub id or local folder of the diffusers pipeline (default: the model's hub id)"""
     tiny: bool = False
     """use tiny random-weight components built in code (no download; CPU tests and demos)"""
+    variant: str | None = None
+    """model variant, e.g. sd3_5: medium|large, flux2-klein: 4b|9b|base-4b|base-9b (picks hub id and tiny build)"""
     finetune: Literal["lora", "full"] = "lora"
     """train LoRA adapters or all transformer weights"""
     lora_rank: int = 64
@@ -72,6 +75,8 @@ class Args:
     """folder for relative image paths (default: <dataset>/images)"""
     video_dir: str | None = None
     """folder for relative video paths (default: <dataset>/videos)"""
+    condition_max_pixels: int | None = None
+    """cap on the area of condition images (edit models), in pixels (default: the pipeline's own)"""
     reward: tuple[str, ...] = ("pickscore",)
     """rewards as NAME[:WEIGHT] or a dotted path package.module.Reward[:WEIGHT]"""
     reward_paths: tuple[str, ...] = ()
@@ -86,9 +91,9 @@ class Args:
     num_steps: int = 10
     """denoising steps of a rollout"""
     guidance_scale: float = 3.5
-    """distilled guidance embedding (FLUX.1-dev)"""
+    """the pipeline's guidance_scale: distilled guidance (FLUX.1, Kontext, FLUX.2) or CFG (SD3.5, Z-Image, klein base)"""
     true_cfg_scale: float = 1.0
-    """true classifier-free guidance scale; > 1 with a negative prompt doubles the batch"""
+    """the pipeline's true_cfg_scale (FLUX.1, Qwen-Image): CFG when > 1 and a negative prompt is given"""
     negative_prompt: str | None = None
     """negative prompt for rows that give none (enables true CFG)"""
     max_sequence_length: int = 512
@@ -163,6 +168,7 @@ class Args:
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GPU = dict(mixed_precision="bf16", gradient_checkpointing=True, latent_storage_dtype="fp16")
 PRESETS = {
     # the embedded default: GRPO-Guard on the shapes world with the rule-checked reward, on a CPU (README)
     "shapes": dict(model_path=os.path.join(HERE, "models/shapes-flux"), dataset=os.path.join(HERE, "datasets/shapes"),
@@ -173,16 +179,35 @@ PRESETS = {
                    noise_level=0.8, clip_range=1e-3, num_epochs=30, eval_every=30, eval_num_prompts=480,
                    eval_batch_size=64, save_every=30, ema_decay=0.5, ema_interval=1, log_with="none",
                    output_dir="runs/grpo_guard-shapes"),
+    # every real model: bf16 forwards, gradient checkpointing, fp16 stored latents; LoRA as in the Args defaults
     # FLUX.1-dev LoRA: 1 SDE step of steps 1-3, eta 0.7, K=16 x 48 prompts, 10 train / 20 eval steps at 512
-    "flux1": dict(mixed_precision="bf16", gradient_checkpointing=True, latent_storage_dtype="fp16"),
+    "flux1": dict(**GPU),
+    "flux1-kontext": dict(**GPU, resolution=384, guidance_scale=2.5, noise_level=0.9, batch_size=1),
+    "sd3_5": dict(**GPU, lora_rank=32, lora_alpha=64, group_size=24, batch_size=8, eval_num_steps=40, guidance_scale=4.5,
+                  negative_prompt="", max_sequence_length=256, noise_level=0.8, sde_window_size=2, sde_window_range=(1, 6),
+                  ema_decay=0.99),
+    # Z-Image-Turbo, no CFG (--variant base: --guidance-scale 4 --negative-prompt "" --eval-num-steps 40)
+    "z-image": dict(**GPU, num_steps=6, eval_num_steps=10, guidance_scale=0.0, batch_size=1),
+    "qwen-image": dict(**GPU, eval_resolution=1024, eval_num_steps=28, true_cfg_scale=4.0, negative_prompt=" ",
+                       noise_level=1.0, batch_size=1),
+    "qwen-image-edit-plus": dict(**GPU, resolution=384, eval_resolution=1024, eval_num_steps=40, true_cfg_scale=4.0,
+                                 negative_prompt=" ", noise_level=1.0, batch_size=1),
+    "flux2": dict(**GPU, num_steps=8, eval_resolution=1024, eval_num_steps=28, guidance_scale=4.0, noise_level=1.0,
+                  batch_size=1),
+    # FLUX.2-klein distilled (--variant base-4b: --num-steps 8 --eval-num-steps 28 --guidance-scale 4 --negative-prompt "")
+    "flux2-klein": dict(**GPU, resolution=384, eval_resolution=1024, num_steps=4, eval_num_steps=10, guidance_scale=1.0,
+                        noise_level=0.5, sde_window_range=(1, 3), batch_size=1),
 }
 TINY_PRESETS = {
-    # a few seconds per epoch on a CPU: 64 px, 4 steps, 4 prompts x 4 images, weight-free reward
-    "flux1": dict(resolution=64, eval_resolution=64, num_steps=4, eval_num_steps=4, group_size=4,
-                  prompts_per_epoch=4, batch_size=2, lora_rank=4, lora_alpha=8, max_sequence_length=32,
-                  reward=("jpeg_compressibility",), num_epochs=2, eval_every=1, save_every=1, eval_num_prompts=4,
-                  sde_window_size=2, sde_window_range=(0, 4), learning_rate=1e-3, clip_range=1e-3,
-                  ema_interval=1, mixed_precision="no", gradient_checkpointing=False, output_dir="runs/grpo_guard-tiny"),
+    # every model (--tiny): a few seconds per epoch on a CPU: 64 px, 4 steps, 4 prompts x 4 images, weight-free reward
+    "*": dict(resolution=64, eval_resolution=64, num_steps=4, eval_num_steps=4, group_size=4,
+              prompts_per_epoch=4, batch_size=2, lora_rank=4, lora_alpha=8, max_sequence_length=32,
+              reward=("jpeg_compressibility",), num_epochs=2, eval_every=1, save_every=1, eval_num_prompts=4,
+              sde_window_size=2, sde_window_range=(0, 4), learning_rate=1e-3, clip_range=1e-3,
+              ema_interval=1, mixed_precision="no", gradient_checkpointing=False, output_dir="runs/grpo_guard-tiny"),
+    # image-conditioned models read the demo edit dataset, condition images at 64 px
+    **{m: dict(dataset=os.path.join(HERE, "datasets/demo-edit"), condition_max_pixels=64 * 64)
+       for m in ("flux1-kontext", "qwen-image-edit-plus")},
 }
 
 
@@ -226,10 +251,11 @@ def check_args(args, world_size):
     paths = dict(p.split("=", 1) for p in args.reward_paths if "=" in p)
     if len(paths) != len(args.reward_paths):
         raise ConfigError("--reward-paths entries must be NAME=PATH")
-    models.adapter_class(args.model)
+    condition_images = models.adapter_class(args.model).condition_images
     train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir)
     test_split = "test" if data.split_exists(args.dataset, "test") else "train"
     test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir)
+    data.check_condition_images(train + test, condition_images, args.model)
     test = test[:: max(1, len(test) // args.eval_num_prompts)][: args.eval_num_prompts]  # spread over the split
     groups = data.GroupSampler(len(train), args.prompts_per_epoch, args.group_size, world_size, args.batch_size,
                                args.seed)
@@ -260,7 +286,8 @@ def main(args: Args):
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
 
     # SHARED: model
-    adapter = models.load(args.model, args.model_path, tiny=args.tiny, device=device, dtype=weight_dtype)
+    adapter = models.load(args.model, args.model_path, tiny=args.tiny, device=device, dtype=weight_dtype,
+                          variant=args.variant, condition_max_pixels=args.condition_max_pixels)
     transformer = adapter.pipe.transformer
     if args.attention_backend:
         transformer.set_attention_backend(args.attention_backend)
@@ -301,11 +328,18 @@ def main(args: Args):
                       f"{world} processes x {n_batches} batches of {args.batch_size}, {n_train} trained steps each, "
                       f"{args.gradient_steps_per_epoch} optimizer steps per inner epoch *****")
 
+    # SHARED: conditioning and reward
     def encode(items):
         negatives = [it.negative_prompt or args.negative_prompt for it in items]
+        images = None if adapter.condition_images == "none" else [[data.load_image(p) for p in it.images]
+                                                                  for it in items]
         return adapter.encode_prompt([it.prompt for it in items],
                                      negatives if any(n is not None for n in negatives) else None,
-                                     args.max_sequence_length)
+                                     args.max_sequence_length, images)
+
+    def shown(items, images):  # sample grids put an edit model's condition images beside its output
+        return tracking.with_conditions(images, [it.images if adapter.condition_images != "none" else []
+                                                 for it in items])
 
     def predictor(cond, state, sigmas):
         return lambda z, i: adapter.predict(z, sigmas[i], cond, state, args.guidance_scale, args.true_cfg_scale)
@@ -324,7 +358,7 @@ def main(args: Args):
         per_rank = -(-len(test_items) // world)  # padded so that every rank gathers as many
         mine = [i % len(test_items) for i in range(rank * per_rank, (rank + 1) * per_rank)]
         scores, images = {k: [] for k in reward_set.names}, []
-        shown = mine[:: max(1, len(mine) // 16)][:16]  # grid: 16 prompts spread over the test split
+        grid_ids = mine[:: max(1, len(mine) // 16)][:16]  # grid: 16 prompts spread over the test split
         with ema.swapped_in(), accelerator.autocast():
             for start in range(0, len(mine), args.eval_batch_size):
                 idx = mine[start:start + args.eval_batch_size]
@@ -335,18 +369,18 @@ def main(args: Args):
                 imgs = adapter.decode(traj.final, state)
                 for k, v in score(items, imgs).items():
                     scores[k].append(v)
-                images += [img.cpu() for i, img in zip(idx, imgs) if i in shown]
+                images += [img for i, img in zip(idx, shown(items, imgs.cpu())) if i in grid_ids]
         out, metadata = {}, [it.metadata for it in test_items]
         for k, v in scores.items():
             all_k = accelerator.gather(torch.cat(v).to(device)).cpu()[: len(test_items)]
             out[f"eval/reward_{k}"] = all_k.mean().item()
             if hasattr(reward_set.rewards[k], "eval_metrics"):  # e.g. strict accuracy per category
                 out.update({f"eval/{k}_{m}": x for m, x in reward_set.rewards[k].eval_metrics(all_k, metadata).items()})
-        images = torch.stack(images[:16])
+        images = images[:16]
         if accelerator.is_main_process:
             tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"),
                                   f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base", images,
-                                  [test_items[i].prompt for i in shown], epoch)
+                                  [test_items[i].prompt for i in grid_ids], epoch)
         return out, images
 
     base_eval = None
@@ -382,7 +416,7 @@ def main(args: Args):
             samples.append(dict(cond=cond, latents=traj.latents, log_probs=traj.log_probs, means=traj.means, scores=scores))
             if b == 0 and accelerator.is_main_process and args.eval_every and (epoch + 1) % args.eval_every == 0:
                 tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), f"train_epoch{epoch:04d}",
-                                      images, [it.prompt for it in items], epoch)
+                                      shown(items, images.cpu()), [it.prompt for it in items], epoch)
 
         # ---- ADVANTAGES ----
         with timer("reward"):
@@ -508,7 +542,7 @@ def main(args: Args):
         if base_eval is not None and args.eval_every:  # before/after table and grid
             accelerator.print(tracking.before_after_table(base_eval, final_eval))
             tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), "before_after",
-                                  torch.cat([base_images, final_images]), ["base"] * len(base_images)
+                                  base_images + final_images, ["base"] * len(base_images)
                                   + ["trained"] * len(final_images), args.num_epochs)
         accelerator.print(f"saved to {args.output_dir}")
     if base_eval is not None and accelerator.is_main_process:

@@ -31,7 +31,8 @@ def parse_with_presets(args_cls, presets: dict, tiny_presets: dict | None = None
     pre.add_argument("--tiny", action="store_true")
     known, _ = pre.parse_known_args([a.replace("_", "-") if a.startswith("--") else a for a in argv])
     overrides = dict(presets.get(known.model, {}))
-    if known.tiny:
+    if known.tiny:  # "*": every model's tiny settings, then the model's own
+        overrides.update((tiny_presets or {}).get("*", {}))
         overrides.update((tiny_presets or {}).get(known.model, {}))
     default = dataclasses.replace(args_cls(), model=known.model, tiny=known.tiny, **overrides)
     is_main = int(os.environ.get("RANK", "0")) == 0  # every rank parses; only one prints

@@ -20,6 +20,7 @@ class Item:
     images: list[str] = field(default_factory=list)  # resolved absolute paths; `image` -> [image]
     videos: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)  # all other jsonl keys, passed to the rewards
+    source: str = ""  # "file:line", for error messages
 
 
 def _split_file(dataset: str, split: str) -> str | None:
@@ -91,7 +92,7 @@ def load_split(dataset: str, split: str = "train", image_dir: str | None = None,
         if not line.strip():
             continue
         if path.endswith(".txt"):
-            items.append(Item(prompt=line.strip()))
+            items.append(Item(prompt=line.strip(), source=f"{path}:{n}"))
             continue
         where = f"{path}:{n}"
         row, images, videos = _parse_jsonl_line(line, where)
@@ -99,7 +100,7 @@ def load_split(dataset: str, split: str = "train", image_dir: str | None = None,
         items.append(Item(prompt=row["prompt"], negative_prompt=row.get("negative_prompt"),
                           images=[resolve(p, "image", where) for p in images],
                           videos=[resolve(p, "video", where) for p in videos],
-                          metadata={k: v for k, v in row.items() if k not in known}))
+                          metadata={k: v for k, v in row.items() if k not in known}, source=where))
     if not items:
         raise DataError(f"{path} is empty")
     return items
@@ -112,6 +113,28 @@ def load_image(path: str) -> Image.Image:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         reason = " ".join(str(e).split())  # keep the message on one line
         raise DataError(f"cannot read image {path}: {reason}") from None
+
+
+def check_condition_images(items: list[Item], mode: str, model: str) -> None:
+    """Before any model loads: each row has the condition images the model takes, and each file is an image.
+    mode: "none" (images, if any, are only for the rewards), "one", "many" (>= 1) or "optional"."""
+    if mode == "none":
+        return
+    checked = set()
+    for it in items:
+        n = len(it.images)
+        if (mode == "one" and n != 1) or (mode == "many" and n < 1):
+            want = "exactly one condition image ('image')" if mode == "one" else "at least one condition image"
+            raise DataError(f"{it.source}: {model} needs {want}, the row has {n}")
+        for p in it.images:
+            if p in checked:
+                continue
+            try:
+                with Image.open(p) as im:
+                    im.verify()  # header and structure, without decoding every pixel
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise DataError(f"{it.source}: unreadable image {p}: {' '.join(str(e).split())}") from None
+            checked.add(p)
 
 
 @dataclass

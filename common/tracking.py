@@ -40,18 +40,35 @@ def append_jsonl(path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
-def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
-    """(B,3,H,W) or (B,F,3,H,W) floats in [0,1] -> one uint8 HxWx3 grid (videos show their first frame)."""
-    if images.dim() == 5:
+def image_grid(images, nrow: int = 8) -> np.ndarray:
+    """(B,3,H,W) or (B,F,3,H,W) floats in [0,1], or a list of (3,H,W) of any sizes -> one uint8 HxWx3 grid
+    (videos show their first frame; smaller images sit top-left in their cell on white)."""
+    if torch.is_tensor(images) and images.dim() == 5:
         images = images[:, 0]
-    b, _, h, w = images.shape
-    ncol = min(nrow, b)
-    rows = (b + ncol - 1) // ncol
+    images = [img.float().cpu() for img in images]
+    h, w = max(img.shape[-2] for img in images), max(img.shape[-1] for img in images)
+    ncol = min(nrow, len(images))
+    rows = (len(images) + ncol - 1) // ncol
     grid = torch.ones(3, rows * h, ncol * w)
-    for i, img in enumerate(images.float().cpu()):
+    for i, img in enumerate(images):
         r, c = divmod(i, ncol)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+        grid[:, r * h:r * h + img.shape[-2], c * w:c * w + img.shape[-1]] = img
     return (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def with_conditions(images: torch.Tensor, condition_paths: list[list[str]]) -> list[torch.Tensor]:
+    """Each output image with its condition images (resized to its height) on its left, for sample grids."""
+    from common.data import load_image
+    out = []
+    for img, paths in zip(images, condition_paths):
+        h = img.shape[-2]
+        conds = []
+        for p in paths:
+            c = load_image(p)
+            c = c.resize((max(1, round(c.width * h / c.height)), h), Image.BICUBIC)
+            conds.append(torch.from_numpy(np.asarray(c)).permute(2, 0, 1).float() / 255)
+        out.append(torch.cat([*conds, img.float()], dim=-1) if conds and img.dim() == 3 else img)
+    return out
 
 
 def save_samples(accelerator, out_dir, tag, images, captions, step):

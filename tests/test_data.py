@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data import DataError, GroupSampler, Item, gather_and_slice, load_image, load_split, split_exists
+from common.data import (DataError, GroupSampler, Item, check_condition_images, gather_and_slice, load_image, load_split,
+                         split_exists)
 
 
 def write(path, text):
@@ -30,7 +31,8 @@ def png(path, color=(255, 0, 0)):
 
 def test_txt_skips_blank_lines(tmp_path):
     write(tmp_path / "train.txt", "a cat\n\n   \na dog\n")
-    assert load_split(str(tmp_path)) == [Item("a cat"), Item("a dog")]
+    f = str(tmp_path / "train.txt")
+    assert load_split(str(tmp_path)) == [Item("a cat", source=f + ":1"), Item("a dog", source=f + ":4")]
 
 
 def test_jsonl_fields_and_metadata(tmp_path):
@@ -41,7 +43,8 @@ def test_jsonl_fields_and_metadata(tmp_path):
         {"prompt": "edit it", "negative_prompt": "blurry", "image": "a.png"},
     ))
     a, b = load_split(str(tmp_path))
-    assert a == Item("two apples", metadata={"tag": "counting", "count": 2, "extra": {"x": [1]}})
+    assert a == Item("two apples", metadata={"tag": "counting", "count": 2, "extra": {"x": [1]}},
+                     source=str(tmp_path / "train.jsonl") + ":1")
     assert b.negative_prompt == "blurry" and b.metadata == {}
     assert b.images == [str(tmp_path / "images" / "a.png")]
 
@@ -85,7 +88,7 @@ def test_split_exists_and_test_split(tmp_path):
     assert split_exists(str(tmp_path), "train") and not split_exists(str(tmp_path), "test")
     write(tmp_path / "test.jsonl", jsonl({"prompt": "t"}))
     assert split_exists(str(tmp_path), "test")
-    assert load_split(str(tmp_path), "test") == [Item("t")]
+    assert [it.prompt for it in load_split(str(tmp_path), "test")] == ["t"]
 
 
 def test_shipped_datasets_load():
@@ -295,3 +298,24 @@ def test_sampler_plus_gather_keeps_groups_aligned():
     for r in range(W):
         all_v, own = gather_and_slice(local[r], lambda v: torch.cat(local), r, W)
         assert all_v.tolist() == plan.groups and torch.equal(own, local[r])
+
+
+# ---- condition images (edit models): checked before any model loads ----
+
+
+def test_condition_images_counted_and_readable(tmp_path):
+    png(tmp_path / "images" / "a.png")
+    (tmp_path / "images" / "bad.png").write_bytes(b"not a png")
+    write(tmp_path / "train.jsonl", jsonl({"prompt": "p1", "image": "a.png"}, {"prompt": "p2"},
+                                          {"prompt": "p3", "images": ["a.png", "bad.png"]}))
+    items = load_split(str(tmp_path))
+    f = str(tmp_path / "train.jsonl")
+    check_condition_images(items[:1], "one", "flux1-kontext")
+    check_condition_images(items[:2], "optional", "flux2")
+    check_condition_images(items, "none", "flux1")  # images may be there for the rewards only
+    with pytest.raises(DataError, match=f"^{f}:2: flux1-kontext needs exactly one condition image"):
+        check_condition_images(items, "one", "flux1-kontext")
+    with pytest.raises(DataError, match=f"^{f}:2: qwen-image-edit-plus needs at least one condition image"):
+        check_condition_images(items, "many", "qwen-image-edit-plus")
+    with pytest.raises(DataError, match=f"^{f}:3: unreadable image .*bad.png"):
+        check_condition_images(items[2:], "many", "qwen-image-edit-plus")

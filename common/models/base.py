@@ -5,6 +5,7 @@ first: encode prompts once per batch, draw the initial noise, build the pipeline
 predict a velocity (CFG included), decode to images in [0, 1]. `predict` is a pure function of its
 inputs so training can re-run it at stored latents. Sampler math lives in common/sampler.py.
 """
+import hashlib
 import os
 import re
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ class Adapter:
     # more), "optional" (zero or more)
     condition_images = "none"
     default_condition_max_pixels = None  # the pipeline's own area for condition images
+    unguided = (1.0, 1.0)  # (guidance_scale, true_cfg_scale) of a guidance-free forward (NFT/AWM training)
 
     def __init__(self, pipe, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None):
         self.pipe, self.device, self.dtype = pipe, torch.device(device), dtype
@@ -97,6 +99,11 @@ class Adapter:
             kwargs["mu"] = mu
         sched.set_timesteps(num_steps, device="cpu", **kwargs)
         return sched.sigmas.to(torch.float32)
+
+    @staticmethod
+    def image_key(img):
+        """Content key of a PIL image: K copies of a prompt load its condition images K times; encode them once."""
+        return img.size, hashlib.sha1(img.tobytes()).digest()
 
     @staticmethod
     def select(cond: dict, index) -> dict:

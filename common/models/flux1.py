@@ -93,7 +93,7 @@ class Flux1Adapter(Adapter):
         guidance = (torch.full((x.shape[0],), float(guidance_scale), device=z.device, dtype=torch.float32)
                     if self.config.guidance_embeds else None)
         txt_ids = torch.zeros(emb.shape[1], 3, device=z.device, dtype=self.dtype)
-        v = self.transformer(hidden_states=x, timestep=(t / 1000).to(self.dtype), guidance=guidance,
+        v = self.transformer(hidden_states=x, timestep=t.to(self.dtype) / 1000, guidance=guidance,
                              pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids,
                              img_ids=state["img_ids"], return_dict=False)[0].float()
         if cfg:

@@ -1,0 +1,82 @@
+"""FLUX.1-Kontext-dev adapter (MODELS.md 3.2) over diffusers' FluxKontextPipeline components.
+
+Facts: the FLUX.1-dev architecture and scheduler config (flux1.py: packed 2x2 tokens, t/1000, distilled
+guidance embedding, optional true CFG with a negative prompt, mu from the target token count only).
+One condition image per sample: resized to the PREFERRED_KONTEXT_RESOLUTIONS bucket (~1 MP, multiples of 16)
+closest to its aspect, VAE-encoded with the posterior mode (no RNG), normalized like the target, packed, and
+appended after the noisy tokens with ids [1, row, col]; the velocity is read from the target tokens only.
+Output size: the pipeline rescales height x width to area `max_area` (1024^2 by default); we use the
+requested size as is (the pipeline with `max_area=H*W` matches).
+Condition area rule: condition_max_pixels >= 1024^2 (the buckets' nominal area, the default) keeps the
+pipeline's bucket exactly (a few buckets are up to 1.3% larger); a smaller value keeps the bucket's aspect
+at that area, each side rounded down to a multiple of 16 (so the area stays within it).
+"""
+import math
+
+import torch
+from diffusers import FluxKontextPipeline
+from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+from common.models.base import ModelError
+from common.models.flux1 import Flux1Adapter
+
+BUCKET_AREA = 1024 * 1024  # the nominal area of PREFERRED_KONTEXT_RESOLUTIONS
+
+
+class Flux1KontextAdapter(Flux1Adapter):
+    name = "flux1-kontext"
+    pipeline_cls = FluxKontextPipeline
+    hub_id = "black-forest-labs/FLUX.1-Kontext-dev"
+    condition_images = "one"
+    default_condition_max_pixels = BUCKET_AREA
+
+    @classmethod
+    def build_tiny(cls, variant=None):
+        # Kontext adds no module to FLUX.1, only the token layout: the same tiny components
+        return FluxKontextPipeline(**super().build_tiny().components)
+
+    def condition_size(self, image):
+        """(height, width) the condition image is resized to: the pipeline's bucket, capped (module doc)."""
+        f = self.pipe.vae_scale_factor * 2
+        h, w = self.pipe.image_processor.get_default_height_width(image)  # floored to multiples of 16
+        if not h or not w:
+            raise ModelError(f"{self.name}: condition image {image.width}x{image.height} is smaller than {f}x{f}")
+        # the pipeline's choice, tie-break included
+        _, bw, bh = min((abs(w / h - bw / bh), bw, bh) for bw, bh in PREFERRED_KONTEXT_RESOLUTIONS)
+        if self.condition_max_pixels < BUCKET_AREA:
+            bw, bh = math.sqrt(self.condition_max_pixels * bw / bh), math.sqrt(self.condition_max_pixels * bh / bw)
+        return max(f, int(bh) // f * f), max(f, int(bw) // f * f)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
+        if images is None or len(images) != len(prompts) or any(len(im) != 1 for im in images):
+            raise ModelError(f"{self.name} needs exactly one condition image per prompt")
+        cond = super().encode_prompt(prompts, negative_prompts, max_sequence_length)
+        # encode each distinct image once (K copies of a sample share it); keyed by content, not identity
+        keys = [self.image_key(im[0]) for im in images]
+        uniq = list(dict.fromkeys(keys))
+        first = [images[keys.index(k)][0] for k in uniq]
+        sizes = sorted({self.condition_size(im) for im in first})
+        if len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h}" for h, w in sizes)
+            raise ModelError(f"{self.name}: the condition images of one batch resize to different sizes ({shown}); "
+                             "ragged batches are not supported, batch images of one aspect ratio together")
+        (h, w), proc = sizes[0], self.pipe.image_processor
+        x = proc.preprocess(first, h, w).to(self.device, self.dtype)
+        lat = self.pipe._encode_vae_image(x, generator=None)  # posterior mode, normalized
+        u, c, lh, lw = lat.shape
+        lat = self.pipe._pack_latents(lat, u, c, lh, lw)
+        idx = torch.tensor([uniq.index(k) for k in keys], device=self.device)
+        ids = self.pipe._prepare_latent_image_ids(1, lh // 2, lw // 2, self.device, self.dtype)
+        ids[:, 0] = 1  # first id channel tells condition tokens from target tokens
+        cond["cond_latents"] = lat[idx]
+        cond["cond_ids"] = ids.expand(len(prompts), -1, -1)  # batch-first for select(); every row is equal
+        return cond
+
+    def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
+        # the condition tokens follow the noisy ones (the same for both CFG passes); CFG is per token, so
+        # cutting the output back to the target tokens after FLUX.1's predict equals the pipeline's order
+        n = z.shape[1]
+        x = torch.cat([z, cond["cond_latents"].to(z.dtype)], dim=1)
+        ids = torch.cat([state["img_ids"], cond["cond_ids"][0]])  # 2-D ids: the transformer uses one layout
+        return super().predict(x, sigma, cond, {**state, "img_ids": ids}, guidance_scale, true_cfg_scale)[:, :n]

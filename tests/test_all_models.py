@@ -1,0 +1,87 @@
+"""Every image model with every algorithm script, on tiny random-weight builds (no download): the saved LoRA
+loads with the model's own diffusers pipeline (`load_lora_weights`) and reproduces its predictions; a one-epoch
+subprocess run of each script (`--model NAME --tiny`); condition images shown beside the outputs in the sample
+grids; a dataset row with a missing or unreadable condition image stops before any model loads.
+Per-model pipeline equivalence, schedules and LoRA target counts: tests/test_model_<name>.py."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from common import models
+from common.data import DataError
+from tests.test_grpo import ENV, ROOT, fresh_accelerator_state, read_metrics  # noqa: F401 (autouse fixture)
+
+MODEL_NAMES = [m for m in models.MODELS if m != "shapes"]
+ALGORITHMS = ("grpo", "grpo_guard", "nft", "awm")
+VARIANTS = [(m, None) for m in MODEL_NAMES] + [("sd3_5", "large"), ("z-image", "base"), ("qwen-image-edit-plus", "2509"),
+                                               ("flux2-klein", "base-4b")]
+
+
+def _inputs(a, n=2):
+    images = None
+    if a.condition_images in ("one", "many"):
+        images = [[Image.new("RGB", (64, 64), (200, 40 * i, 90))] for i in range(n)]
+    cond = a.encode_prompt(["a red cube", "a blue ball"][:n], ["", "blurry"][:n], max_sequence_length=32, images=images)
+    state = a.make_state(64, 64)
+    return cond, state, a.prepare_noise(n, 64, 64, torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name,variant", VARIANTS)
+def test_saved_lora_loads_into_the_stock_pipeline(name, variant, tmp_path):
+    trained = models.load(name, tiny=True, variant=variant, condition_max_pixels=64 * 64)
+    assert trained.add_lora(4, 8) > 0
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter change the predictions
+        for p in trained.pipe.transformer.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    trained.save_lora(str(tmp_path))
+    fresh = models.load(name, tiny=True, variant=variant, condition_max_pixels=64 * 64)
+    cond, state, z = _inputs(fresh)
+    g, cfg = (4.0, 4.0) if name != "z-image" else (4.0, 1.0)
+    with torch.no_grad():
+        before = fresh.predict(z, 0.6, cond, state, g, cfg)
+        fresh.pipe.load_lora_weights(str(tmp_path))  # the pipeline's own loader, diffusers format
+        after, want = fresh.predict(z, 0.6, cond, state, g, cfg), trained.predict(z, 0.6, cond, state, g, cfg)
+    assert (after - want).abs().max() < 1e-5 and (after - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_algorithm_runs_one_epoch(name, tmp_path):
+    """The four scripts at once (one thread each), `--model NAME --tiny --num-epochs 1`."""
+    procs = {s: subprocess.Popen([sys.executable, f"{s}.py", "--model", name, "--tiny", "--num-epochs", "1",
+                                  "--log-with", "none", "--output-dir", str(tmp_path / s)],
+                                 cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in ALGORITHMS}
+    for script, p in procs.items():
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, f"{script} --model {name}: {err[-3000:]}"
+        rows = read_metrics(tmp_path / script)
+        assert [r["epoch"] for r in rows] == [-1, 0]
+        assert all(v == v for r in rows for v in r.values() if isinstance(v, float))  # no NaN
+        assert (tmp_path / script / "lora/pytorch_lora_weights.safetensors").is_file()
+        # 4 eval prompts in one row; an edit model's cells hold its condition image and its output side by side
+        width = Image.open(tmp_path / script / "samples/eval_base.png").size[0]
+        needs_images = models.adapter_class(name).condition_images in ("one", "many")
+        assert width == 4 * 64 * (2 if needs_images else 1), (script, width)
+
+
+@pytest.mark.parametrize("problem", ["missing", "unreadable"])
+def test_bad_condition_image_stops_before_loading(tmp_path, problem):
+    import grpo
+    from common.cli import parse_with_presets
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images/ok.png")
+    if problem == "unreadable":
+        (tmp_path / "images/bad.png").write_bytes(b"\x89PNG but not really")
+    rows = [{"prompt": "make it blue", "image": "ok.png"}, {"prompt": "make it red", "image": "bad.png"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS,
+                              ["--model", "flux1-kontext", "--tiny", "--dataset", str(tmp_path)])
+    want = "image not found: .*bad.png" if problem == "missing" else "train.jsonl:2: unreadable image .*bad.png"
+    with pytest.raises(DataError, match=want):
+        grpo.check_args(args, 1)
