@@ -10,7 +10,9 @@ import os
 import re
 from contextlib import contextmanager
 
+import numpy as np
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 
 class ModelError(ValueError):
@@ -100,10 +102,35 @@ class Adapter:
         sched.set_timesteps(num_steps, device="cpu", **kwargs)
         return sched.sigmas.to(torch.float32)
 
+    def per_row(self, keys, encode_unique):
+        """Encode each distinct key once (a batch holds K copies of a few prompts), then one row per key.
+        encode_unique(unique keys) -> a tensor or a tuple of tensors, one row per unique key."""
+        uniq = list(dict.fromkeys(keys))
+        out = encode_unique(uniq)
+        idx = torch.tensor([uniq.index(k) for k in keys], device=self.device)
+        return tuple(o[idx] for o in out) if isinstance(out, tuple) else out[idx]
+
+    def _latent_hw(self, height, width):
+        """(h, w) of the VAE latent grid: a x8 VAE, then 2x2 patches or packing, so sizes are multiples of 16."""
+        f = self.pipe.vae_scale_factor * 2
+        if height % f or width % f:
+            raise ValueError(f"{self.name}: height and width must be multiples of {f}, got {height}x{width}")
+        return 2 * (height // f), 2 * (width // f)
+
     @staticmethod
     def image_key(img):
         """Content key of a PIL image: K copies of a prompt load its condition images K times; encode them once."""
         return img.size, hashlib.sha1(img.tobytes()).digest()
+
+    def shifted_sigmas(self, num_steps, seq_len, custom_sigmas=None):
+        """The FLUX.1 / Qwen-Image / Z-Image pipelines' schedule: linspace(1, 1/N, N) (or `custom_sigmas`) through
+        the scheduler, with mu from the image token count (used when the config shifts dynamically)."""
+        cfg = self.pipe.scheduler.config
+        mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        if custom_sigmas is None:
+            custom_sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        return self.scheduler_sigmas(num_steps, custom_sigmas, mu)
 
     @staticmethod
     def select(cond: dict, index) -> dict:

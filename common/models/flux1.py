@@ -5,10 +5,8 @@ packed grid; the transformer takes t/1000; FLUX.1-dev has a distilled guidance e
 optional true CFG with a negative prompt (`true_cfg_scale` > 1), batched with the positive pass;
 schedule = linspace(1, 1/N, N) exponentially shifted with mu from the token count (calculate_shift).
 """
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from common.models import tiny_parts
 from common.models.base import Adapter
@@ -43,24 +41,14 @@ class Flux1Adapter(Adapter):
 
     @torch.no_grad()
     def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
-        # encode each distinct prompt once (a batch holds K copies of a few prompts)
         def encode(texts):
-            uniq = list(dict.fromkeys(texts))
-            emb, pooled, _ = self.pipe.encode_prompt(uniq, device=self.device,
-                                                     max_sequence_length=max_sequence_length)
-            idx = torch.tensor([uniq.index(t) for t in texts], device=self.device)
-            return emb[idx], pooled[idx]
+            return self.per_row(texts, lambda uniq: self.pipe.encode_prompt(
+                uniq, device=self.device, max_sequence_length=max_sequence_length)[:2])
         cond = dict(zip(("prompt_embeds", "pooled_embeds"), encode(list(prompts))))
         if negative_prompts is not None:
             cond.update(zip(("neg_prompt_embeds", "neg_pooled_embeds"),
                             encode([n or "" for n in negative_prompts])))
         return cond
-
-    def _latent_hw(self, height, width):
-        f = self.pipe.vae_scale_factor * 2  # VAE x8, then 2x2 packing
-        if height % f or width % f:
-            raise ValueError(f"{self.name}: height and width must be multiples of {f}, got {height}x{width}")
-        return 2 * (height // f), 2 * (width // f)
 
     def make_state(self, height, width):
         h, w = self._latent_hw(height, width)
@@ -75,10 +63,7 @@ class Flux1Adapter(Adapter):
         return self.pipe._pack_latents(z, n, c, h, w).float()
 
     def sigmas(self, num_steps, state):
-        cfg = self.pipe.scheduler.config
-        mu = calculate_shift(state["seq_len"], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        return self.scheduler_sigmas(num_steps, np.linspace(1.0, 1 / num_steps, num_steps), mu)
+        return self.shifted_sigmas(num_steps, state["seq_len"])
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         n = z.shape[0]

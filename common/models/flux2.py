@@ -94,11 +94,9 @@ class Flux2Adapter(Adapter):
 
     @torch.no_grad()
     def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
-        # encode each distinct prompt once (a batch holds K copies of a few prompts)
         def encode(texts):
-            uniq = list(dict.fromkeys(texts))
-            emb, _ = self.pipe.encode_prompt(uniq, device=self.device, max_sequence_length=max_sequence_length)
-            return emb[torch.tensor([uniq.index(t) for t in texts], device=self.device)]
+            return self.per_row(texts, lambda uniq: self.pipe.encode_prompt(
+                uniq, device=self.device, max_sequence_length=max_sequence_length)[0])
         cond = {"prompt_embeds": encode(list(prompts))}
         if negative_prompts is not None and self._true_cfg_model:  # FLUX.2-dev and distilled klein never use them
             cond["neg_prompt_embeds"] = encode([n or "" for n in negative_prompts])
@@ -144,10 +142,8 @@ class Flux2Adapter(Adapter):
         return {"image_latents": tokens, "image_ids": ids.to(self.device).expand(len(rows), -1, -1)}
 
     def _latent_hw(self, height, width):
-        f = self.pipe.vae_scale_factor * 2  # VAE x8, then the 2x2 patchify
-        if height % f or width % f:
-            raise ValueError(f"{self.name}: height and width must be multiples of {f}, got {height}x{width}")
-        return height // f, width // f
+        h, w = super()._latent_hw(height, width)
+        return h // 2, w // 2  # the grid after the VAE's 2x2 patchify (128 channels)
 
     def make_state(self, height, width):
         h, w = self._latent_hw(height, width)

@@ -21,12 +21,10 @@ latents follow the target tokens on the sequence; the output is sliced back to t
 does not truncate its text embeddings, so `max_sequence_length` is unused there.
 """
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
                        QwenImagePipeline, QwenImageTransformer2DModel)
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
 # must be an attribute of this module: diffusers looks a custom component's loadable base class up by name in the
@@ -123,25 +121,19 @@ class QwenImageAdapter(Adapter):
 
     @torch.no_grad()
     def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
-        # encode each distinct prompt once (a batch holds K copies of a few prompts)
-        def encode(texts):
-            uniq = list(dict.fromkeys(texts))
-            emb, mask = self.pipe.encode_prompt(uniq, device=self.device, max_sequence_length=max_sequence_length)
+        def encode_unique(texts):
+            emb, mask = self.pipe.encode_prompt(texts, device=self.device, max_sequence_length=max_sequence_length)
             if mask is None:  # the pipeline drops an all-ones mask; cond keeps a tensor so rows can be selected
                 mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
-            idx = torch.tensor([uniq.index(t) for t in texts], device=self.device)
-            return emb[idx], mask[idx]
+            return emb, mask
+
+        def encode(texts):
+            return self.per_row(texts, encode_unique)
         cond = dict(zip(("prompt_embeds", "prompt_mask"), encode(list(prompts))))
         if negative_prompts is not None:
             # " " is the model card's negative prompt
             cond.update(zip(("neg_prompt_embeds", "neg_prompt_mask"), encode([n or " " for n in negative_prompts])))
         return cond
-
-    def _latent_hw(self, height, width):
-        f = self.pipe.vae_scale_factor * 2  # VAE x8, then 2x2 packing
-        if height % f or width % f:
-            raise ValueError(f"{self.name}: height and width must be multiples of {f}, got {height}x{width}")
-        return 2 * (height // f), 2 * (width // f)
 
     def make_state(self, height, width):
         h, w = self._latent_hw(height, width)
@@ -156,10 +148,7 @@ class QwenImageAdapter(Adapter):
         return self.pipe._pack_latents(z, n, c, h, w).float()
 
     def sigmas(self, num_steps, state):
-        cfg = self.pipe.scheduler.config
-        mu = calculate_shift(state["seq_len"], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        return self.scheduler_sigmas(num_steps, np.linspace(1.0, 1 / num_steps, num_steps), mu)
+        return self.shifted_sigmas(num_steps, state["seq_len"])
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         n, seq = z.shape[:2]

@@ -50,14 +50,10 @@ class SD3Adapter(Adapter):
         if max_sequence_length > 512:  # the pipeline's own limit (check_inputs)
             raise ModelError(f"{self.name}: max_sequence_length is at most 512, got {max_sequence_length}")
 
-        # encode each distinct prompt once (a batch holds K copies of a few prompts)
         def encode(texts):
-            uniq = list(dict.fromkeys(texts))
-            emb, _, pooled, _ = self.pipe.encode_prompt(uniq, None, None, device=self.device,
-                                                        do_classifier_free_guidance=False,
-                                                        max_sequence_length=max_sequence_length)
-            idx = torch.tensor([uniq.index(t) for t in texts], device=self.device)
-            return emb[idx], pooled[idx]
+            return self.per_row(texts, lambda uniq: self.pipe.encode_prompt(
+                uniq, None, None, device=self.device, do_classifier_free_guidance=False,
+                max_sequence_length=max_sequence_length)[::2])  # (embeds, pooled)
         cond = dict(zip(("prompt_embeds", "pooled_embeds"), encode(list(prompts))))
         if negative_prompts is not None:
             cond.update(zip(("neg_prompt_embeds", "neg_pooled_embeds"),
@@ -65,13 +61,12 @@ class SD3Adapter(Adapter):
         return cond
 
     def _latent_hw(self, height, width):
+        h, w = super()._latent_hw(height, width)  # patch size 2 in every SD3 config
         f, p = self.pipe.vae_scale_factor, self.config.patch_size
-        if height % (f * p) or width % (f * p):
-            raise ValueError(f"{self.name}: height and width must be multiples of {f * p}, got {height}x{width}")
         limit = self.config.pos_embed_max_size * f * p  # the transformer crops its position table to the grid
         if height > limit or width > limit:
             raise ValueError(f"{self.name}: height and width must be at most {limit}, got {height}x{width}")
-        return height // f, width // f
+        return h, w
 
     def make_state(self, height, width):
         h, w = self._latent_hw(height, width)

@@ -14,7 +14,7 @@ here CFG needs negative_prompts (pass [""] * B for the pipeline's default). Turb
 """
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen3Config, Qwen3Model
 
@@ -59,25 +59,19 @@ class ZImageAdapter(Adapter):
     @torch.no_grad()
     def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
         # caption lengths differ per prompt: store zero-padded (B, L_max, D) embeddings plus the lengths
-        def encode(texts):
-            uniq = list(dict.fromkeys(texts))
+        def encode_unique(texts):
             # the pipeline overwrites its prompt list with the chat-templated strings: give it a copy
-            embs, _ = self.pipe.encode_prompt(list(uniq), device=self.device, do_classifier_free_guidance=False,
+            embs, _ = self.pipe.encode_prompt(list(texts), device=self.device, do_classifier_free_guidance=False,
                                               max_sequence_length=max_sequence_length)
-            lens = torch.tensor([len(e) for e in embs], device=self.device)
-            idx = torch.tensor([uniq.index(t) for t in texts], device=self.device)
-            return pad_sequence(embs, batch_first=True)[idx], lens[idx]
+            return pad_sequence(embs, batch_first=True), torch.tensor([len(e) for e in embs], device=self.device)
+
+        def encode(texts):
+            return self.per_row(texts, encode_unique)
         cond = dict(zip(("prompt_embeds", "prompt_lens"), encode(list(prompts))))
         if negative_prompts is not None:
             cond.update(zip(("neg_prompt_embeds", "neg_prompt_lens"),
                             encode([n or "" for n in negative_prompts])))
         return cond
-
-    def _latent_hw(self, height, width):
-        f = self.pipe.vae_scale_factor * 2  # VAE x8, then the transformer's 2x2 patches
-        if height % f or width % f:
-            raise ValueError(f"{self.name}: height and width must be multiples of {f}, got {height}x{width}")
-        return 2 * (height // f), 2 * (width // f)
 
     def make_state(self, height, width):
         h, w = self._latent_hw(height, width)
@@ -90,10 +84,7 @@ class ZImageAdapter(Adapter):
         return z.to(self.device)
 
     def sigmas(self, num_steps, state):
-        cfg = self.pipe.scheduler.config
-        mu = calculate_shift(state["seq_len"], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        return self.scheduler_sigmas(num_steps, get_default_z_image_sigmas(num_steps), mu)
+        return self.shifted_sigmas(num_steps, state["seq_len"], get_default_z_image_sigmas(num_steps))
 
     @staticmethod
     def _captions(emb, lens):

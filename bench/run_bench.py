@@ -1,0 +1,133 @@
+"""The four algorithms on the embedded shapes world with equal budgets: same base model, prompts, images per
+epoch (8 prompts x 8 images) and number of epochs; several training seeds each. Writes a table (markdown and
+JSON) and a plot of held-out reward and strict accuracy against training wall-clock seconds and against the
+number of generated images.
+
+    python bench/run_bench.py                                  # 4 algorithms x seeds 42 1 2, 60 epochs (~55 min, 2 CPU cores)
+    python bench/run_bench.py --algorithms grpo nft --seeds 42 --num-epochs 20
+    python bench/run_bench.py --summarize-only                 # redo table and plot from finished runs
+
+Runs go to <out>/runs/<algorithm>-seed<seed>/ (a finished run is not repeated); seeds run in the outer loop so
+that every algorithm sees the same machine conditions. "Training seconds" sum the rollout, reward and
+training phases of metrics.jsonl (evaluation excluded).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALGORITHMS = ("grpo", "grpo_guard", "nft", "awm")
+
+
+def run_dir(out, algo, seed):
+    return os.path.join(out, "runs", f"{algo}-seed{seed}")
+
+
+def read_metrics(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def finished(path, num_epochs):
+    try:
+        return any(r["epoch"] == num_epochs - 1 and "eval/reward_shapes" in r for r in read_metrics(path))
+    except (OSError, ValueError):
+        return False
+
+
+def run(algo, seed, args):
+    path = run_dir(args.out, algo, seed)
+    if finished(path, args.num_epochs):
+        print(f"{algo} seed {seed}: done already")
+        return
+    cmd = [sys.executable, os.path.join(ROOT, f"{algo}.py"), "--seed", str(seed), "--num-epochs", str(args.num_epochs),
+           "--eval-every", str(args.eval_every), "--eval-num-prompts", str(args.eval_num_prompts),
+           "--save-every", str(args.num_epochs), "--output-dir", path, "--log-with", "none"]
+    print(" ".join(cmd[1:]), flush=True)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "stdout.log"), "w") as log:
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def curves(rows, images_per_epoch):
+    """(images, train seconds, dense reward, strict accuracy) at every evaluation, the base model first."""
+    out, seconds = [], 0.0
+    for r in rows:
+        if r["epoch"] >= 0:
+            seconds += sum(r.get(f"time/{k}_s", 0.0) for k in ("rollout", "reward", "train"))
+        if "eval/reward_shapes" in r:
+            out.append(((r["epoch"] + 1) * images_per_epoch, seconds, r["eval/reward_shapes"],
+                        r["eval/shapes_strict/all"]))
+    return np.array(out)
+
+
+def summarize(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results, table = {}, []
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for algo in args.algorithms:
+        runs = [run_dir(args.out, algo, s) for s in args.seeds if finished(run_dir(args.out, algo, s), args.num_epochs)]
+        if not runs:
+            continue
+        config = json.load(open(os.path.join(runs[0], "config.json")))
+        per_epoch = config["prompts_per_epoch"] * config["group_size"]
+        cs = [curves(read_metrics(r), per_epoch) for r in runs]
+        n = min(len(c) for c in cs)
+        c = np.stack([c[:n] for c in cs])  # (seeds, evals, 4)
+        gain_dense, gain_strict = c[:, -1, 2] - c[:, 0, 2], c[:, -1, 3] - c[:, 0, 3]
+        results[algo] = dict(seeds=[int(r.rsplit("seed", 1)[1]) for r in runs], images=c[0, :, 0].tolist(),
+                             seconds=c[:, :, 1].tolist(), dense=c[:, :, 2].tolist(), strict=c[:, :, 3].tolist())
+        table.append(f"| {algo} | {len(runs)} | {c[:, 0, 2].mean():.3f} | {c[:, -1, 2].mean():.3f} "
+                     f"| {gain_dense.mean():+.3f} ± {gain_dense.std():.3f} | {100 * c[:, 0, 3].mean():.1f} "
+                     f"| {100 * c[:, -1, 3].mean():.1f} | {100 * gain_strict.mean():+.1f} ± {100 * gain_strict.std():.1f} "
+                     f"| {c[:, -1, 1].mean():.0f} | {c[:, -1, 1].mean() / args.num_epochs:.2f} |")
+        for row, (col, label) in enumerate(((2, "held-out dense reward"), (3, "held-out strict accuracy"))):
+            for ax, (x, xlabel) in zip(axes[row], ((c[:, :, 1].mean(0), "training seconds (2 CPU cores)"),
+                                                   (c[0, :, 0], "generated images"))):
+                mean, std = c[:, :, col].mean(0), c[:, :, col].std(0)
+                ax.plot(x, mean, marker="o", ms=3, label=algo)
+                ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(label)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"shapes world, {args.num_epochs} epochs x 64 images, mean ± std over seeds {' '.join(map(str, args.seeds))}")
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    fig.savefig(os.path.join(args.out, "curves.png"), dpi=110)
+    header = ("| algorithm | seeds | dense base | dense final | dense gain | strict base % | strict final % "
+              "| strict gain (pts) | training s | s / epoch |\n|---|---|---|---|---|---|---|---|---|---|")
+    text = header + "\n" + "\n".join(table) + "\n"
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f)
+    print(text)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    p.add_argument("--num-epochs", type=int, default=60)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-num-prompts", type=int, default=120)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--summarize-only", action="store_true")
+    args = p.parse_args()
+    if not args.summarize_only:
+        for seed in args.seeds:
+            for algo in args.algorithms:
+                run(algo, seed, args)
+    summarize(args)
+
+
+if __name__ == "__main__":
+    main()
