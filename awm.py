@@ -22,7 +22,6 @@ from typing import Literal
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import rewards
@@ -339,10 +338,9 @@ def main(args: Args):
     grad_accum = n_batches // args.gradient_steps_per_epoch * n_train  # micro-steps per optimizer step
     anchor = EMA(params.values(), schedule=args.anchor_schedule, decay=args.anchor_decay,
                  warmup_steps=args.anchor_warmup_steps)
+    algo_state = {"anchor_ema": anchor}  # checkpointed with the weights
     if resume:
-        if not os.path.isfile(os.path.join(resume, "anchor_ema.safetensors")):
-            raise checkpoint.CheckpointError(f"{resume}: no anchor_ema.safetensors (not an awm.py checkpoint)")
-        anchor.load_state_dict(load_file(os.path.join(resume, "anchor_ema.safetensors")))
+        anchor.load_state_dict(checkpoint.load_extra(resume, "anchor_ema", "awm.py"))
     timesteps.sample_sigmas(args.time_sampler, n_train, 1, adapter.sigmas(args.num_steps, adapter.make_state(
         args.resolution, args.resolution)), args.timestep_range, args.time_shift)  # a bad range fails now, in one line
     accelerator.print(f"***** AWM: {args.prompts_per_epoch} prompts x {args.group_size} images per epoch, {world} x "
@@ -555,10 +553,8 @@ def main(args: Args):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 checkpoint.save(os.path.join(args.output_dir, "checkpoints"), global_step, params, optimizer, ema,
-                                meta={"epoch": epoch}, total_limit=args.checkpoints_total_limit)
-        # ALGO LOGIC: the EMA anchor is part of the checkpoint
-        if accelerator.is_main_process and ((epoch + 1) % args.save_every == 0 or last):
-            save_file(anchor.state_dict(), f"{args.output_dir}/checkpoints/checkpoint-{global_step}/anchor_ema.safetensors")
+                                meta={"epoch": epoch}, total_limit=args.checkpoints_total_limit,
+                                extra={name: s.state_dict() for name, s in algo_state.items()})
 
     # SHARED: save
     accelerator.wait_for_everyone()

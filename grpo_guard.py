@@ -323,6 +323,7 @@ def main(args: Args):
     n_batches = group_sampler.num_batches
     # ALGO LOGIC: trained steps and banner
     n_train = args.sde_window_size
+    algo_state = {}  # nothing beyond weights, optimizer and EMA to checkpoint
     grad_accum = n_batches // args.gradient_steps_per_epoch * n_train  # micro-steps per optimizer step
     accelerator.print(f"***** GRPO: {args.prompts_per_epoch} prompts x {args.group_size} images per epoch, "
                       f"{world} processes x {n_batches} batches of {args.batch_size}, {n_train} trained steps each, "
@@ -529,7 +530,8 @@ def main(args: Args):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 checkpoint.save(os.path.join(args.output_dir, "checkpoints"), global_step, params, optimizer, ema,
-                                meta={"epoch": epoch}, total_limit=args.checkpoints_total_limit)
+                                meta={"epoch": epoch}, total_limit=args.checkpoints_total_limit,
+                                extra={name: s.state_dict() for name, s in algo_state.items()})
 
     # SHARED: save
     accelerator.wait_for_everyone()

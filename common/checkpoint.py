@@ -36,8 +36,10 @@ def _optimizer_from_flat(tensors, meta):
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: dict | None = None, total_limit=None):
-    """Write checkpoints/checkpoint-{step} atomically, then drop the oldest beyond total_limit."""
+def save(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: dict | None = None, total_limit=None,
+         extra: dict | None = None):
+    """Write checkpoints/checkpoint-{step} atomically, then drop the oldest beyond total_limit.
+    extra: {name: state dict} of an algorithm's own state (NFT's old policy, AWM's anchor) -> <name>.safetensors."""
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"checkpoint-{step}")
     tmp = os.path.join(ckpt_root, f".tmp-checkpoint-{step}")
@@ -48,6 +50,8 @@ def save(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: dict | N
     save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
     if ema is not None:
         save_file({k: v.cpu().contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+    for name, state in (extra or {}).items():
+        save_file({k: v.cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, f"{name}.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "optimizer": opt_meta, **(meta or {})}, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
@@ -96,3 +100,11 @@ def load(path, params: dict, optimizer, ema=None) -> dict:
     if ema is not None:
         ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
     return state
+
+
+def load_extra(path, name: str, script: str) -> dict:
+    """The `extra` state dict `name` of a checkpoint written by `script`."""
+    f = os.path.join(path, f"{name}.safetensors")
+    if not os.path.isfile(f):
+        raise CheckpointError(f"{path}: no {name}.safetensors (not a checkpoint of {script})")
+    return load_file(f)

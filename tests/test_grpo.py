@@ -222,3 +222,20 @@ def test_variants_train(tmp_path, extra):
         assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     if "--kl-beta" in extra:
         assert row["train/kl"] > 0
+
+
+def test_checkpoint_is_written_whole_with_algorithm_state(tmp_path):
+    """Weights, optimizer, EMA and an algorithm's own state (NFT's old policy, AWM's anchor) appear together,
+    by one rename; a folder without the algorithm's state is refused on resume with one line."""
+    from common import checkpoint
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.ones(3)
+    opt.step()
+    path = checkpoint.save(str(tmp_path), 7, {"w": w}, opt, meta={"epoch": 3}, extra={"old_ema": {"x": torch.ones(2)}})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-7"]  # no temporary folder left behind
+    assert sorted(os.listdir(path)) == ["old_ema.safetensors", "optimizer.safetensors", "state.json",
+                                        "trainable.safetensors"]
+    assert torch.equal(checkpoint.load_extra(path, "old_ema", "nft.py")["x"], torch.ones(2))
+    with pytest.raises(checkpoint.CheckpointError, match=r"no anchor_ema.safetensors \(not a checkpoint of awm.py\)"):
+        checkpoint.load_extra(path, "anchor_ema", "awm.py")
