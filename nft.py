@@ -265,7 +265,7 @@ def check_args(args, world_size):
     paths = dict(p.split("=", 1) for p in args.reward_paths if "=" in p)
     if len(paths) != len(args.reward_paths):
         raise ConfigError("--reward-paths entries must be NAME=PATH")
-    condition_images = models.adapter_class(args.model).condition_images
+    condition_images = models.adapter_class(args.model, args.variant).condition_images
     train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir)
     test_split = "test" if data.split_exists(args.dataset, "test") else "train"
     test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir)

@@ -70,6 +70,18 @@ def test_every_algorithm_runs_one_epoch(name, tmp_path):
         assert width == 4 * 64 * (2 if needs_images else 1), (script, width)
 
 
+def test_variant_from_the_command_line(tmp_path):
+    """FLUX.2-klein base (true CFG) by `--variant`; a variant the model lacks is one line before any loading."""
+    cmd = [sys.executable, "grpo.py", "--model", "flux2-klein", "--tiny", "--num-epochs", "1", "--log-with", "none"]
+    r = subprocess.run(cmd + ["--variant", "base-4b", "--guidance-scale", "4", "--negative-prompt", "",
+                              "--output-dir", str(tmp_path / "base")], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "base/config.json"))["variant"] == "base-4b"
+    r = subprocess.run(cmd + ["--variant", "12b"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == "error: flux2-klein has no variant '12b'; known: 4b, 9b, base-4b, base-9b"
+
+
 @pytest.mark.parametrize("problem", ["missing", "unreadable"])
 def test_bad_condition_image_stops_before_loading(tmp_path, problem):
     import grpo
@@ -85,3 +97,26 @@ def test_bad_condition_image_stops_before_loading(tmp_path, problem):
     want = "image not found: .*bad.png" if problem == "missing" else "train.jsonl:2: unreadable image .*bad.png"
     with pytest.raises(DataError, match=want):
         grpo.check_args(args, 1)
+
+
+SEEN_BY_REWARD = []
+
+
+def record_condition_paths(images, prompts, metadata):
+    """A custom reward (dotted path) that records what edit rewards receive: the condition image paths."""
+    SEEN_BY_REWARD.extend(m["images"] for m in metadata)
+    return images.mean(dim=(1, 2, 3))
+
+
+def test_condition_images_reach_the_rewards(tmp_path):
+    import grpo
+    from common.cli import parse_with_presets
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS,
+                              ["--model", "flux1-kontext", "--tiny", "--num-epochs", "1", "--eval-every", "0",
+                               "--reward", "tests.test_all_models.record_condition_paths", "--log-with", "none",
+                               "--output-dir", str(tmp_path)])
+    grpo.main(args)
+    rows = [json.loads(line) for line in open(f"{ROOT}/datasets/demo-edit/train.jsonl")]
+    want = {f"{ROOT}/datasets/demo-edit/images/{r['image']}" for r in rows}
+    assert len(SEEN_BY_REWARD) == 16 and all(len(p) == 1 for p in SEEN_BY_REWARD)  # 4 prompts x 4 images
+    assert {p[0] for p in SEEN_BY_REWARD} <= want

@@ -172,6 +172,7 @@ def _expect_error(tmp_path, extra, match):
 def test_bad_inputs(tmp_path):
     _expect_error(tmp_path, ["--model", "sdxl"], "unknown model 'sdxl'")
     _expect_error(tmp_path, ["--reward", "nope"], "unknown reward 'nope'")
+    _expect_error(tmp_path, ["--variant", "7b"], "flux1 has no variant '7b'; known: none")
     _expect_error(tmp_path, ["--dataset", str(tmp_path / "missing")], "dataset folder not found")
     _write(tmp_path / "empty/train.txt", "\n\n")
     _expect_error(tmp_path, ["--dataset", str(tmp_path / "empty")], "empty")

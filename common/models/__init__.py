@@ -17,11 +17,14 @@ MODELS = {
 }
 
 
-def adapter_class(name: str) -> type[Adapter]:
+def adapter_class(name: str, variant=None) -> type[Adapter]:
+    """The adapter class of `--model name`, after checking the name and `--variant` (one clear line each)."""
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     module, cls = MODELS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    cls = getattr(importlib.import_module(module), cls)
+    cls.check_variant(variant)
+    return cls
 
 
 def load(name: str, path=None, tiny=False, device="cpu", dtype=None, variant=None, condition_max_pixels=None) -> Adapter:

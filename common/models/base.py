@@ -49,10 +49,7 @@ class Adapter:
     @classmethod
     def load(cls, path=None, tiny=False, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None):
         """tiny: random tiny components built in code; else `path` (hub id or local folder)."""
-        if variant is not None and variant not in cls.variants:
-            known = ", ".join(cls.variants) or "none"
-            raise ModelError(f"{cls.name} has no variant {variant!r}; known: {known}")
-        variant = variant or (next(iter(cls.variants)) if cls.variants else None)
+        variant = cls.check_variant(variant)
         kw = dict(variant=variant, condition_max_pixels=condition_max_pixels)
         if tiny:
             return cls(cls.build_tiny(variant) if cls.variants else cls.build_tiny(), device, dtype, **kw)
@@ -65,6 +62,14 @@ class Adapter:
             raise ModelError(f"cannot load {cls.name} from {path!r}: {str(e).splitlines()[0]} "
                              "(pass --model-path to a local copy, or --tiny)") from None
         return cls(pipe, device, dtype, **kw)
+
+    @classmethod
+    def check_variant(cls, variant):
+        """The variant to load (the default when None), or one clear line."""
+        if variant is not None and variant not in cls.variants:
+            known = ", ".join(cls.variants) or "none"
+            raise ModelError(f"{cls.name} has no variant {variant!r}; known: {known}")
+        return variant or (next(iter(cls.variants)) if cls.variants else None)
 
     @classmethod
     def build_tiny(cls, variant=None):
