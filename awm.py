@@ -282,7 +282,8 @@ def check_args(args, world_size):
 
 def main(args: Args):
     # SHARED: setup
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+    # cpu=True without CUDA: `accelerate launch --multi_gpu --num_processes N` then runs N CPU processes over gloo
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
                               log_with=None if args.log_with == "none" else args.log_with,
                               project_dir=args.output_dir)
     train_items, test_items, group_sampler, reward_paths, resume = check_args(args, accelerator.num_processes)

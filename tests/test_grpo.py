@@ -146,6 +146,7 @@ def test_two_processes_groups_span_ranks(tmp_path):
            "--batch-size", "2"]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes x 4 batches of 2" in r.stdout  # really distributed (MULTI_CPU over gloo), not 2 copies
     rows = read_metrics(out)
     assert rows[-1]["samples"] == 16  # 8 per rank, gathered
     assert rows[-1]["train/onpolicy_ratio_dev"] == 0.0
