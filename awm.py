@@ -193,23 +193,14 @@ PRESETS = {
                    prompts_per_epoch=8, batch_size=16, finetune="full", learning_rate=3e-5, num_train_timesteps=4,
                    timestep_range=(0.0, 0.9), num_epochs=30, eval_every=30, eval_num_prompts=480, eval_batch_size=64,
                    save_every=30, ema_decay=0.5, ema_interval=1, log_with="none", output_dir="runs/awm-shapes"),
-    # every real model: bf16 forwards, gradient checkpointing, fp16 stored latents; LoRA as in the Args defaults
+    # every real model: bf16 forwards, gradient checkpointing, fp16 stored latents
     # FLUX.1-dev LoRA: ODE rollouts, T=4 discrete timesteps in the noisier 70%, ghuber 0.25, EMA-KL 0.1
-    "flux1": dict(**GPU),
-    "flux1-kontext": dict(**GPU, resolution=384, guidance_scale=2.5, batch_size=1),
-    "sd3_5": dict(**GPU, lora_rank=32, lora_alpha=64, batch_size=8, gradient_steps_per_epoch=1, num_steps=14,
-                  eval_num_steps=40, guidance_scale=1.0, max_sequence_length=256, num_train_timesteps=6,
+    # (the Args defaults); each model's sampling settings are its adapter's `preset`, these add AWM's
+    **{m: GPU for m in ("flux1", "z-image", "qwen-image", "qwen-image-edit-plus", "flux2")},
+    "flux1-kontext": dict(**GPU, resolution=384),
+    "sd3_5": dict(**GPU, gradient_steps_per_epoch=1, num_steps=14, guidance_scale=1.0, num_train_timesteps=6,
                   time_sampler="discrete_wo_init", timestep_range=(0.0, 0.9), kl_beta=1e-4, ema_kl_beta=1.0),
-    # Z-Image-Turbo, no CFG (--variant base: --guidance-scale 4 --negative-prompt "" --eval-num-steps 40)
-    "z-image": dict(**GPU, num_steps=6, eval_num_steps=10, guidance_scale=0.0, batch_size=1),
-    "qwen-image": dict(**GPU, eval_resolution=1024, eval_num_steps=28, true_cfg_scale=4.0, negative_prompt=" ",
-                       batch_size=1),
-    "qwen-image-edit-plus": dict(**GPU, resolution=384, eval_resolution=1024, eval_num_steps=40, true_cfg_scale=4.0,
-                                 negative_prompt=" ", batch_size=1),
-    "flux2": dict(**GPU, num_steps=8, eval_resolution=1024, eval_num_steps=28, guidance_scale=4.0, batch_size=1),
-    # FLUX.2-klein distilled (--variant base-4b: --num-steps 8 --eval-num-steps 28 --guidance-scale 4 --negative-prompt "")
-    "flux2-klein": dict(**GPU, resolution=384, eval_resolution=1024, num_steps=4, eval_num_steps=10, guidance_scale=1.0,
-                        time_sampler="discrete_wo_init", batch_size=1),
+    "flux2-klein": dict(**GPU, time_sampler="discrete_wo_init"),
 }
 TINY_PRESETS = {
     # every model (--tiny): a few seconds per epoch on a CPU: 64 px, 4 steps, 4 prompts x 4 images, weight-free reward

@@ -179,24 +179,14 @@ PRESETS = {
                    noise_level=0.8, clip_range=1e-3, num_epochs=30, eval_every=30, eval_num_prompts=480,
                    eval_batch_size=64, save_every=30, ema_decay=0.5, ema_interval=1, log_with="none",
                    output_dir="runs/grpo_guard-shapes"),
-    # every real model: bf16 forwards, gradient checkpointing, fp16 stored latents; LoRA as in the Args defaults
+    # every real model: bf16 forwards, gradient checkpointing, fp16 stored latents
     # FLUX.1-dev LoRA: 1 SDE step of steps 1-3, eta 0.7, K=16 x 48 prompts, 10 train / 20 eval steps at 512
-    "flux1": dict(**GPU),
-    "flux1-kontext": dict(**GPU, resolution=384, guidance_scale=2.5, noise_level=0.9, batch_size=1),
-    "sd3_5": dict(**GPU, lora_rank=32, lora_alpha=64, group_size=24, batch_size=8, eval_num_steps=40, guidance_scale=4.5,
-                  negative_prompt="", max_sequence_length=256, noise_level=0.8, sde_window_size=2, sde_window_range=(1, 6),
-                  ema_decay=0.99),
-    # Z-Image-Turbo, no CFG (--variant base: --guidance-scale 4 --negative-prompt "" --eval-num-steps 40)
-    "z-image": dict(**GPU, num_steps=6, eval_num_steps=10, guidance_scale=0.0, batch_size=1),
-    "qwen-image": dict(**GPU, eval_resolution=1024, eval_num_steps=28, true_cfg_scale=4.0, negative_prompt=" ",
-                       noise_level=1.0, batch_size=1),
-    "qwen-image-edit-plus": dict(**GPU, resolution=384, eval_resolution=1024, eval_num_steps=40, true_cfg_scale=4.0,
-                                 negative_prompt=" ", noise_level=1.0, batch_size=1),
-    "flux2": dict(**GPU, num_steps=8, eval_resolution=1024, eval_num_steps=28, guidance_scale=4.0, noise_level=1.0,
-                  batch_size=1),
-    # FLUX.2-klein distilled (--variant base-4b: --num-steps 8 --eval-num-steps 28 --guidance-scale 4 --negative-prompt "")
-    "flux2-klein": dict(**GPU, resolution=384, eval_resolution=1024, num_steps=4, eval_num_steps=10, guidance_scale=1.0,
-                        noise_level=0.5, sde_window_range=(1, 3), batch_size=1),
+    # (the Args defaults); each model's sampling settings are its adapter's `preset`, these add GRPO's
+    "flux1": GPU, "z-image": GPU,
+    "flux1-kontext": dict(**GPU, resolution=384, noise_level=0.9),
+    "sd3_5": dict(**GPU, group_size=24, noise_level=0.8, sde_window_size=2, sde_window_range=(1, 6), ema_decay=0.99),
+    **{m: dict(**GPU, noise_level=1.0) for m in ("qwen-image", "qwen-image-edit-plus", "flux2")},
+    "flux2-klein": dict(**GPU, noise_level=0.5, sde_window_range=(1, 3)),
 }
 TINY_PRESETS = {
     # every model (--tiny): a few seconds per epoch on a CPU: 64 px, 4 steps, 4 prompts x 4 images, weight-free reward

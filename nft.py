@@ -193,25 +193,20 @@ PRESETS = {
                    timestep_range=(0.0, 0.9), kl_beta=0.0, num_epochs=30, eval_every=30, eval_num_prompts=480,
                    eval_batch_size=64, save_every=30, ema_decay=0.5, ema_interval=1, log_with="none",
                    output_dir="runs/nft-shapes"),
-    # every real model: bf16 forwards, gradient checkpointing, fp16 stored latents; LoRA as in the Args defaults
+    # every real model: bf16 forwards, gradient checkpointing, fp16 stored latents
     # FLUX.1-dev LoRA: ODE rollouts sampled with the old policy, T=2 discrete timesteps in the noisier 70%, beta 1
-    "flux1": dict(**GPU),
-    "flux1-kontext": dict(**GPU, num_steps=20, eval_num_steps=28, guidance_scale=2.5, timestep_range=(0.0, 0.9),
-                          batch_size=1),
-    "sd3_5": dict(**GPU, lora_rank=32, lora_alpha=64, learning_rate=1e-4, batch_size=8, num_steps=14, eval_num_steps=40,
-                  guidance_scale=1.0, max_sequence_length=256, num_train_timesteps=4, timestep_range=(0.0, 0.5)),
-    # Z-Image-Turbo, no CFG (--variant base: --guidance-scale 4 --negative-prompt "" --num-steps 10 --eval-num-steps 40)
-    "z-image": dict(**GPU, num_steps=6, eval_num_steps=10, guidance_scale=0.0, nft_beta=0.1, num_train_timesteps=3,
-                    timestep_range=(0.0, 0.99), batch_size=1),
-    "qwen-image": dict(**GPU, num_steps=30, eval_num_steps=40, true_cfg_scale=4.0, negative_prompt=" ",
-                       learning_rate=2e-4, num_train_timesteps=10, timestep_range=(0.0, 0.5), batch_size=1),
-    "qwen-image-edit-plus": dict(**GPU, num_steps=30, eval_num_steps=40, learning_rate=2e-4, num_train_timesteps=5,
-                                 batch_size=1),
-    "flux2": dict(**GPU, num_steps=8, eval_num_steps=28, guidance_scale=4.0, nft_beta=0.1, timestep_range=(0.0, 0.5),
-                  batch_size=1),
-    # FLUX.2-klein distilled (--variant base-4b: --num-steps 8 --eval-num-steps 28 --guidance-scale 4 --negative-prompt "")
-    "flux2-klein": dict(**GPU, resolution=384, eval_resolution=1024, num_steps=4, eval_num_steps=10, guidance_scale=1.0,
-                        learning_rate=1e-4, nft_beta=0.1, timestep_range=(0.0, 0.5), batch_size=1),
+    # (the Args defaults); each model's sampling settings are its adapter's `preset`, these add NFT's
+    "flux1": GPU,
+    "flux1-kontext": dict(**GPU, num_steps=20, eval_num_steps=28, timestep_range=(0.0, 0.9)),
+    "sd3_5": dict(**GPU, learning_rate=1e-4, num_steps=14, guidance_scale=1.0, num_train_timesteps=4,
+                  timestep_range=(0.0, 0.5)),
+    "z-image": dict(**GPU, nft_beta=0.1, num_train_timesteps=3, timestep_range=(0.0, 0.99)),
+    "qwen-image": dict(**GPU, num_steps=30, eval_num_steps=40, learning_rate=2e-4, num_train_timesteps=10,
+                       timestep_range=(0.0, 0.5)),
+    "qwen-image-edit-plus": dict(**GPU, resolution=512, eval_resolution=512, num_steps=30, true_cfg_scale=1.0,
+                                 learning_rate=2e-4, num_train_timesteps=5),
+    "flux2": dict(**GPU, nft_beta=0.1, timestep_range=(0.0, 0.5)),
+    "flux2-klein": dict(**GPU, learning_rate=1e-4, nft_beta=0.1, timestep_range=(0.0, 0.5)),
 }
 TINY_PRESETS = {
     # every model (--tiny): a few seconds per epoch on a CPU: 64 px, 4 steps, 4 prompts x 4 images, weight-free reward

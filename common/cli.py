@@ -30,7 +30,9 @@ def parse_with_presets(args_cls, presets: dict, tiny_presets: dict | None = None
     pre.add_argument("--model", default=args_cls.model)
     pre.add_argument("--tiny", action="store_true")
     known, _ = pre.parse_known_args([a.replace("_", "-") if a.startswith("--") else a for a in argv])
-    overrides = dict(presets.get(known.model, {}))
+    from common import models  # the model's own sampling preset, then the script's for that model
+    overrides = dict(models.adapter_class(known.model).preset) if known.model in models.MODELS else {}
+    overrides.update(presets.get(known.model, {}))
     if known.tiny:  # "*": every model's tiny settings, then the model's own
         overrides.update((tiny_presets or {}).get("*", {}))
         overrides.update((tiny_presets or {}).get(known.model, {}))

@@ -30,6 +30,9 @@ class Adapter:
     # more), "optional" (zero or more)
     condition_images = "none"
     default_condition_max_pixels = None  # the pipeline's own area for condition images
+    # the model's recommended sampling settings (ALGORITHMS.md H), shared by every algorithm script; a script's
+    # PRESETS[name] adds its algorithm's settings on top (common/cli.py); the Args defaults are FLUX.1-dev's
+    preset: dict = {}
     unguided = (1.0, 1.0)  # (guidance_scale, true_cfg_scale) of a guidance-free forward (NFT/AWM training)
 
     def __init__(self, pipe, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None):

@@ -26,6 +26,7 @@ BUCKET_AREA = 1024 * 1024  # the nominal area of PREFERRED_KONTEXT_RESOLUTIONS
 class Flux1KontextAdapter(Flux1Adapter):
     name = "flux1-kontext"
     pipeline_cls = FluxKontextPipeline
+    preset = dict(guidance_scale=2.5, batch_size=1)
     hub_id = "black-forest-labs/FLUX.1-Kontext-dev"
     condition_images = "one"
     default_condition_max_pixels = BUCKET_AREA

@@ -59,6 +59,7 @@ def _ids(t, h, w, length):
 class Flux2Adapter(Adapter):
     name = "flux2"
     pipeline_cls = Flux2Pipeline
+    preset = dict(num_steps=8, eval_resolution=1024, eval_num_steps=28, guidance_scale=4.0, batch_size=1)
     hub_id = "black-forest-labs/FLUX.2-dev"
     condition_images = "optional"
     default_condition_max_pixels = 1024 * 1024
@@ -196,6 +197,8 @@ class Flux2Adapter(Adapter):
 class Flux2KleinAdapter(Flux2Adapter):
     name = "flux2-klein"
     pipeline_cls = Flux2KleinPipeline
+    # the distilled default (--variant base-4b: --num-steps 8 --eval-num-steps 28 --guidance-scale 4 --negative-prompt "")
+    preset = dict(resolution=384, eval_resolution=1024, num_steps=4, eval_num_steps=10, guidance_scale=1.0, batch_size=1)
     variants = {"4b": "black-forest-labs/FLUX.2-klein-4B", "9b": "black-forest-labs/FLUX.2-klein-9B",
                 "base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
                 "base-9b": "black-forest-labs/FLUX.2-klein-base-9B"}

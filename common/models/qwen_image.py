@@ -104,6 +104,7 @@ def _text_inputs(emb, mask):
 class QwenImageAdapter(Adapter):
     name = "qwen-image"
     pipeline_cls = QwenImagePipeline
+    preset = dict(eval_resolution=1024, eval_num_steps=28, true_cfg_scale=4.0, negative_prompt=" ", batch_size=1)
     variants = {"2512": "Qwen/Qwen-Image-2512", "original": "Qwen/Qwen-Image"}
     hub_id = "Qwen/Qwen-Image-2512"
     # MODELS.md 4: the second FFN layer is `net.2` itself (the reference's `net.2.proj` matches nothing)
@@ -192,6 +193,8 @@ class QwenImageAdapter(Adapter):
 class QwenImageEditPlusAdapter(QwenImageAdapter):
     name = "qwen-image-edit-plus"
     pipeline_cls = QwenImageEditPlusPipeline
+    preset = dict(resolution=384, eval_resolution=1024, eval_num_steps=40, true_cfg_scale=4.0, negative_prompt=" ",
+                  batch_size=1)
     variants = {"2511": "Qwen/Qwen-Image-Edit-2511", "2509": "Qwen/Qwen-Image-Edit-2509"}
     hub_id = "Qwen/Qwen-Image-Edit-2511"
     condition_images = "many"

@@ -22,6 +22,8 @@ from common.models.base import Adapter, ModelError
 class SD3Adapter(Adapter):
     name = "sd3_5"
     pipeline_cls = StableDiffusion3Pipeline
+    preset = dict(lora_rank=32, lora_alpha=64, batch_size=8, eval_num_steps=40, guidance_scale=4.5,
+                  negative_prompt="", max_sequence_length=256)
     hub_id = "stabilityai/stable-diffusion-3.5-medium"
     variants = {"medium": "stabilityai/stable-diffusion-3.5-medium",
                 "large": "stabilityai/stable-diffusion-3.5-large"}

@@ -28,6 +28,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shiftin
 class ZImageAdapter(Adapter):
     name = "z-image"
     pipeline_cls = ZImagePipeline
+    preset = dict(num_steps=6, eval_num_steps=10, guidance_scale=0.0, batch_size=1)  # Turbo: no CFG
     hub_id = "Tongyi-MAI/Z-Image-Turbo"
     variants = {"turbo": "Tongyi-MAI/Z-Image-Turbo", "base": "Tongyi-MAI/Z-Image"}
     # every block (main layers and both refiners); adaLN_modulation is left out
