@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import rewards
-from common import checkpoint, data, models, sampler, tracking
+from common import checkpoint, data, evaluation, models, sampler, tracking
 from common.advantages import compute_advantages
 from common.cli import USER_ERRORS, ConfigError, parse_with_presets
 from common.ema import EMA
@@ -171,7 +171,7 @@ PRESETS = {
     "shapes": dict(model_path=os.path.join(HERE, "models/shapes-flux"), dataset=os.path.join(HERE, "datasets/shapes"),
                    reward=("shapes",), resolution=64,
                    eval_resolution=64, num_steps=10, eval_num_steps=10, guidance_scale=1.0, true_cfg_scale=3.0,
-                   negative_prompt="", max_sequence_length=32, group_size=8, prompts_per_epoch=8, batch_size=16,
+                   negative_prompt="", max_sequence_length=16, group_size=8, prompts_per_epoch=8, batch_size=16,
                    finetune="full", learning_rate=3e-5, sde_window_size=2, sde_window_range=(0, 6),
                    noise_level=0.8, clip_range=1e-3, num_epochs=200, eval_every=50, eval_num_prompts=480,
                    eval_batch_size=64, save_every=50, ema_decay=0.5, ema_interval=1, log_with="none",
@@ -328,39 +328,10 @@ def main(args: Args):
         return reward_set.score(images, [it.prompt for it in items], meta)
 
     # SHARED: evaluation
-    @torch.no_grad()
-    def evaluate(epoch):
-        """ODE sampling of the test prompts with EMA weights and per-prompt fixed noise; returns metrics
-        and the first images (for the before/after grid)."""
-        state = adapter.make_state(args.eval_resolution, args.eval_resolution)
-        sigmas = adapter.sigmas(args.eval_num_steps, state)
-        per_rank = -(-len(test_items) // world)  # padded so that every rank gathers as many
-        mine = [i % len(test_items) for i in range(rank * per_rank, (rank + 1) * per_rank)]
-        scores, images = {k: [] for k in reward_set.names}, []
-        grid_ids = mine[:: max(1, len(mine) // 16)][:16]  # grid: 16 prompts spread over the test split
+    def evaluate(epoch):  # held-out ODE samples with the EMA weights: metrics and the grid's images
         with ema.swapped_in(), accelerator.autocast():
-            for start in range(0, len(mine), args.eval_batch_size):
-                idx = mine[start:start + args.eval_batch_size]
-                items = [test_items[i] for i in idx]
-                z = torch.cat([adapter.prepare_noise(1, args.eval_resolution, args.eval_resolution,
-                                                     torch.Generator().manual_seed(args.eval_seed + i)) for i in idx])
-                traj = sampler.rollout(predictor(encode(items), state, sigmas), z, sigmas)
-                imgs = adapter.decode(traj.final, state)
-                for k, v in score(items, imgs).items():
-                    scores[k].append(v)
-                images += [img for i, img in zip(idx, shown(items, imgs.cpu())) if i in grid_ids]
-        out, metadata = {}, [it.metadata for it in test_items]
-        for k, v in scores.items():
-            all_k = accelerator.gather(torch.cat(v).to(device)).cpu()[: len(test_items)]
-            out[f"eval/reward_{k}"] = all_k.mean().item()
-            if hasattr(reward_set.rewards[k], "eval_metrics"):  # e.g. strict accuracy per category
-                out.update({f"eval/{k}_{m}": x for m, x in reward_set.rewards[k].eval_metrics(all_k, metadata).items()})
-        images = images[:16]
-        if accelerator.is_main_process:
-            tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"),
-                                  f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base", images,
-                                  [test_items[i].prompt for i in grid_ids], epoch)
-        return out, images
+            return evaluation.evaluate(accelerator, adapter, test_items, encode, predictor, score, shown,
+                                       reward_set, args, epoch)
 
     base_eval = None
     if args.eval_before and start_epoch == 0 and args.eval_every > 0:

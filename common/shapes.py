@@ -60,6 +60,11 @@ def all_prompts() -> list[dict]:
     return metas
 
 
+
+def vocabulary() -> list[str]:
+    """The words of the world's prompts (22), sorted: the shipped model's tokenizers hold each as one token."""
+    return sorted({w for m in all_prompts() for w in m["prompt"].split()})
+
 def _mask(shape, side):
     yy, xx = np.mgrid[0:side, 0:side] + 0.5
     if shape == "square":

@@ -54,6 +54,26 @@ def test_checker_through_shipped_vae():
         assert strict >= 0.97, (tag, strict)
 
 
+
+def test_tokenizers_hold_world_words(tmp_path):
+    """The shipped tokenizers (built by tiny_parts with the world's vocabulary) read each world word as one
+    token, keep other text (byte fallback), and survive save/load."""
+    from transformers import CLIPTokenizer, T5Tokenizer
+    from common.models import tiny_parts
+    words = shapes.vocabulary()
+    assert len(words) == 22 and "triangles" in words and "left" in words
+    built = {"clip": tiny_parts.clip_tokenizer(words=words), "t5": tiny_parts.t5_tokenizer(words=words)}
+    shipped = {"clip": CLIPTokenizer.from_pretrained(os.path.join(MODEL, "tokenizer")),
+               "t5": T5Tokenizer.from_pretrained(os.path.join(MODEL, "tokenizer_2"))}
+    for name, tok in [*built.items(), *shipped.items()]:
+        assert all(len(tok.tokenize(w)) == 1 for w in words), name
+        assert tok.tokenize("a red circle to the left of a blue square") == built[name].tokenize(
+            "a red circle to the left of a blue square")
+        assert len(tok.tokenize("a purple hexagon")) > 3  # unknown words spelled out, not dropped
+        assert tok("two circles").input_ids == built[name]("two circles").input_ids
+    plain = tiny_parts.t5_tokenizer()
+    assert len(plain.tokenize("triangle")) == 8  # without words: one token per character
+
 def test_shipped_model_size_and_format():
     files = [os.path.join(d, f) for d, _, fs in os.walk(MODEL) for f in fs]
     assert sum(os.path.getsize(f) for f in files) <= 25 * 2**20

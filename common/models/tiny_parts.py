@@ -12,19 +12,32 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 _BYTES = list(bytes_to_unicode().values())  # 256 printable stand-ins, one per byte
 
 
-def clip_tokenizer(max_length=77):
-    # byte-level BPE without merges: one token per byte, '</w>' marks a word end
+def clip_tokenizer(max_length=77, words=()):
+    """Byte-level BPE, one token per byte ('</w>' marks a word end); each of `words` (lower-case ASCII)
+    also becomes one token through a chain of merges."""
     vocab = {c: i for i, c in enumerate(_BYTES)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(_BYTES)})
     vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    merges = []
+    # longest words first: BPE applies the lowest-ranked merge first, so a longer word's chain
+    # ("t r", "tr i", ...) is not cut by a shorter word's merge ("a n" of "and" inside "triangle")
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):
+        parts, merged = list(word[:-1]) + [word[-1] + "</w>"], word[0]
+        for part in parts[1:]:
+            if (merged, part) not in merges:
+                merges.append((merged, part))
+            merged += part
+            vocab.setdefault(merged, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def t5_tokenizer(max_length=512):
-    # unigram vocab: specials, the word-boundary piece, then printable characters with and without it
+def t5_tokenizer(max_length=512, words=()):
+    """Unigram vocab: specials, the word-boundary piece, printable characters with and without it; each of
+    `words` is also one piece, scored above any spelling of it in characters."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     for ch in string.ascii_letters + string.digits + string.punctuation:
         pieces += [(ch, -3.0), ("\u2581" + ch, -2.5)]
+    pieces += [("\u2581" + w, -1.0) for w in sorted(set(words))]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 

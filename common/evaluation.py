@@ -1,0 +1,49 @@
+"""Held-out evaluation, the same in every algorithm script.
+
+ODE sampling of the test prompts with per-prompt fixed noise (seed `eval_seed + row`), so every evaluation
+of a run, and every run and process count, sees the same noise for the same prompt; rewards are gathered
+over processes; rewards that define `eval_metrics` (the shapes checker: strict accuracy per category) add
+theirs; a grid of 16 prompts spread over the split is saved under samples/.
+"""
+import os
+
+import torch
+
+from common import sampler, tracking
+
+
+@torch.no_grad()
+def evaluate(accelerator, adapter, items, encode, predictor, score, shown, reward_set, args, epoch):
+    """Returns ({"eval/...": value}, the grid's images). The script's helpers: `encode(items)` conditioning,
+    `predictor(cond, state, sigmas)` the guided velocity, `score(items, images)` rewards, `shown(items, images)`
+    grid images; args supplies eval_resolution, eval_num_steps, eval_batch_size, eval_seed and output_dir.
+    The caller picks the weights (EMA) and autocast."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    state = adapter.make_state(args.eval_resolution, args.eval_resolution)
+    sigmas = adapter.sigmas(args.eval_num_steps, state)
+    per_rank = -(-len(items) // world)  # padded so that every rank gathers as many
+    mine = [i % len(items) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    grid_ids = mine[:: max(1, len(mine) // 16)][:16]
+    scores, images = {k: [] for k in reward_set.names}, []
+    for start in range(0, len(mine), args.eval_batch_size):
+        idx = mine[start:start + args.eval_batch_size]
+        batch = [items[i] for i in idx]
+        z = torch.cat([adapter.prepare_noise(1, args.eval_resolution, args.eval_resolution,
+                                             torch.Generator().manual_seed(args.eval_seed + i)) for i in idx])
+        traj = sampler.rollout(predictor(encode(batch), state, sigmas), z, sigmas)
+        imgs = adapter.decode(traj.final, state)
+        for k, v in score(batch, imgs).items():
+            scores[k].append(v)
+        images += [img for i, img in zip(idx, shown(batch, imgs.cpu())) if i in grid_ids]
+    out, metadata = {}, [it.metadata for it in items]
+    for k, v in scores.items():
+        all_k = accelerator.gather(torch.cat(v).to(device)).cpu()[: len(items)]
+        out[f"eval/reward_{k}"] = all_k.mean().item()
+        if hasattr(reward_set.rewards[k], "eval_metrics"):  # e.g. strict accuracy per category
+            out.update({f"eval/{k}_{m}": x for m, x in reward_set.rewards[k].eval_metrics(all_k, metadata).items()})
+    images = images[:16]
+    if accelerator.is_main_process:
+        tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"),
+                              f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base", images,
+                              [items[i].prompt for i in grid_ids], epoch)
+    return out, images
