@@ -205,11 +205,17 @@ def save_ema(pipe, ema, folder):
 
 if __name__ == "__main__":
     a = tyro.cli(Args)
+    flow_out = os.path.join(a.work, "flow")
+    # a stage run alone needs the previous stage's output: say so in one line before any work is done
+    needs = {"flow": os.path.join(a.work, "vae"), "anneal": flow_out}.get(a.stage)
+    if needs and not os.path.isdir(needs):
+        sys.exit(f"error: --stage {a.stage} needs {needs} (run the previous stage first, or --stage all)")
+    if min(a.vae_steps, a.flow_steps) < 1 or a.anneal_steps <= 200:
+        sys.exit("error: --vae-steps and --flow-steps must be >= 1 and --anneal-steps > 200 (its warm-up)")
     torch.set_num_threads(a.threads)
     os.makedirs(a.work, exist_ok=True)
     if a.stage in ("vae", "all"):
         train_vae(a)
-    flow_out = os.path.join(a.work, "flow")
     if a.stage in ("flow", "all"):
         train_flow(a, a.flow_steps, a.flow_lr, 0, a.ema_decay, a.seed, None, flow_out)
     if a.stage in ("anneal", "all"):

@@ -146,3 +146,15 @@ def test_every_algorithm_raises_held_out_reward():
             assert [rows[0]["epoch"], rows[-1]["epoch"]] == [-1, EPOCHS[script] - 1]
             gains[script] = rows[-1]["eval/reward_shapes"] - rows[0]["eval/reward_shapes"]
     assert all(gains[s] >= MARGIN[s] for s in MARGIN), gains
+
+
+def test_pretrain_script_bad_stage_order_is_one_line(tmp_path):
+    """A stage run alone without the previous stage's output stops with one line, before any work."""
+    import subprocess
+    import sys
+    for extra in (["--stage", "anneal"], ["--stage", "flow"], ["--anneal-steps", "100"]):
+        p = subprocess.run([sys.executable, "scripts/pretrain_shapes.py", "--work", str(tmp_path / "w"), *extra],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+        assert p.returncode == 1 and len(lines) == 1, (extra, p.stderr[-500:])
+        assert not (tmp_path / "w").exists()  # nothing written
