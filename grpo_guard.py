@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import rewards
 from common import checkpoint, data, evaluation, models, sampler, tracking
 from common.advantages import compute_advantages
-from common.cli import USER_ERRORS, ConfigError, parse_with_presets
+from common.cli import USER_ERRORS, ConfigError, check_expert_reach, check_sizes, height_width, parse_with_presets
 from common.ema import EMA
 
 
@@ -47,13 +47,15 @@ class Args:
     # Model
     model: str = "shapes"
     """shapes (the embedded FLUX.1-architecture model, CPU), flux1, flux1-kontext, sd3_5, z-image, qwen-image,
-    qwen-image-edit-plus, flux2 or flux2-klein"""
+    qwen-image-edit-plus, flux2, flux2-klein, wan2_t2v (video) or wan2_i2v (image-to-video)"""
     model_path: str | None = None
     """hub id or local folder of the diffusers pipeline (default: the model's hub id)"""
     tiny: bool = False
     """use tiny random-weight components built in code (no download; CPU tests and demos)"""
     variant: str | None = None
-    """model variant, e.g. sd3_5: medium|large, flux2-klein: 4b|9b|base-4b|base-9b (picks hub id and tiny build)"""
+    """model variant, e.g. sd3_5: medium|large, wan2_t2v: 2.1-1.3b|2.1-14b|2.2-ti2v-5b|2.2-a14b (hub id, tiny build)"""
+    train_experts: Literal["high", "low", "both"] = "both"
+    """Wan2.2-A14B: which experts train: the high-noise `transformer`, the low-noise `transformer_2`, or both"""
     finetune: Literal["lora", "full"] = "lora"
     """train LoRA adapters or all transformer weights"""
     lora_rank: int = 64
@@ -81,19 +83,25 @@ class Args:
     """rewards as NAME[:WEIGHT] or a dotted path package.module.Reward[:WEIGHT]"""
     reward_paths: tuple[str, ...] = ()
     """local folders overriding reward hub ids, as NAME=PATH"""
+    reward_frame_stride: int = 1
+    """videos: the image rewards score every this many frames (a video's score is the mean over them)"""
     advantage_aggregation: Literal["sum", "gdpo"] = "sum"
     """'sum': z-score the weighted reward sum per group; 'gdpo': z-score each reward, sum, re-standardise"""
     global_std: bool = False
     """divide by the std of all rewards of the epoch instead of the group's ('sum' only)"""
     # Sampling
-    resolution: int = 512
-    """training image height and width"""
+    resolution: tuple[int, ...] = (512,)
+    """training size: SIZE (square) or HEIGHT WIDTH"""
+    num_frames: int = 1
+    """frames per training video (4k+1; 1 for image models)"""
     num_steps: int = 10
     """denoising steps of a rollout"""
     guidance_scale: float = 3.5
     """the pipeline's guidance_scale: distilled guidance (FLUX.1, Kontext, FLUX.2) or CFG (SD3.5, Z-Image, klein base)"""
     true_cfg_scale: float = 1.0
     """the pipeline's true_cfg_scale (FLUX.1, Qwen-Image): CFG when > 1 and a negative prompt is given"""
+    guidance_scale_2: float | None = None
+    """Wan2.2-A14B: CFG scale of the low-noise expert (default: guidance_scale)"""
     negative_prompt: str | None = None
     """negative prompt for rows that give none (enables true CFG)"""
     max_sequence_length: int = 512
@@ -108,6 +116,8 @@ class Args:
     """the window lies in steps [lo, hi); its start is drawn per epoch"""
     latent_storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """dtype of stored trajectory latents (log-probs are taken after the round trip)"""
+    offload_samples: bool = False
+    """keep each rollout micro-batch's stored latents and conditioning on CPU until it trains (video memory)"""
     group_size: int = 16
     """K, images per prompt"""
     prompts_per_epoch: int = 48
@@ -151,8 +161,10 @@ class Args:
     """evaluate every this many epochs (and after the last; 0: never)"""
     eval_before: bool = True
     """evaluate the base model before training"""
-    eval_resolution: int = 512
-    """evaluation image size"""
+    eval_resolution: tuple[int, ...] = (512,)
+    """evaluation size: SIZE or HEIGHT WIDTH"""
+    eval_num_frames: int = 1
+    """frames per evaluation video"""
     eval_num_steps: int = 20
     """evaluation ODE steps"""
     eval_num_prompts: int = 32
@@ -187,6 +199,9 @@ PRESETS = {
     "sd3_5": dict(**GPU, group_size=24, noise_level=0.8, sde_window_size=2, sde_window_range=(1, 6), ema_decay=0.99),
     **{m: dict(**GPU, noise_level=1.0) for m in ("qwen-image", "qwen-image-edit-plus", "flux2")},
     "flux2-klein": dict(**GPU, noise_level=0.5, sde_window_range=(1, 3)),
+    # Wan (VIDEO.md recipes: eta 0.9, 10 steps): the window range 1-5 reaches both Wan2.2-A14B experts at shift 3
+    # (high-noise steps 0-3, low-noise 4-9), so --train-experts both works; the 2.1 recipe keeps steps 1-3
+    **{m: dict(**GPU, noise_level=0.9, sde_window_range=(1, 6)) for m in ("wan2_t2v", "wan2_i2v")},
 }
 TINY_PRESETS = {
     # every model (--tiny): a few seconds per epoch on a CPU: 64 px, 4 steps, 4 prompts x 4 images, weight-free reward
@@ -198,6 +213,9 @@ TINY_PRESETS = {
     # image-conditioned models read the demo edit dataset, condition images at 64 px
     **{m: dict(dataset=os.path.join(HERE, "datasets/demo-edit"), condition_max_pixels=64 * 64)
        for m in ("flux1-kontext", "qwen-image-edit-plus")},
+    # video models: 5 frames; image-to-video takes the demo edit dataset's images as first frames
+    "wan2_t2v": dict(num_frames=5, eval_num_frames=5),
+    "wan2_i2v": dict(num_frames=5, eval_num_frames=5, dataset=os.path.join(HERE, "datasets/demo-edit")),
 }
 
 
@@ -241,11 +259,14 @@ def check_args(args, world_size):
     paths = dict(p.split("=", 1) for p in args.reward_paths if "=" in p)
     if len(paths) != len(args.reward_paths):
         raise ConfigError("--reward-paths entries must be NAME=PATH")
-    condition_images = models.adapter_class(args.model, args.variant).condition_images
+    adapter_cls = models.adapter_class(args.model, args.variant)
+    check_sizes(args, adapter_cls)
+    check_expert_reach(args, adapter_cls, steps=range(lo, min(hi, args.num_steps)))  # Wan2.2-A14B experts
     train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir)
     test_split = "test" if data.split_exists(args.dataset, "test") else "train"
     test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir)
-    data.check_condition_images(train + test, condition_images, args.model)
+    data.check_condition_images(train + test, adapter_cls.condition_images, args.model)
+    data.check_videos(train + test)
     test = test[:: max(1, len(test) // args.eval_num_prompts)][: args.eval_num_prompts]  # spread over the split
     groups = data.GroupSampler(len(train), args.prompts_per_epoch, args.group_size, world_size, args.batch_size,
                                args.seed)
@@ -263,7 +284,7 @@ def main(args: Args):
     # cpu=True without CUDA: `accelerate launch --multi_gpu --num_processes N` then runs N CPU processes over gloo
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
                               log_with=None if args.log_with == "none" else args.log_with,
-                              project_dir=args.output_dir)
+                              project_dir=args.output_dir, kwargs_handlers=[models.ddp_kwargs(args)])
     train_items, test_items, group_sampler, reward_paths, resume = check_args(args, accelerator.num_processes)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     set_seed(args.seed, device_specific=True)
@@ -278,8 +299,9 @@ def main(args: Args):
 
     # SHARED: model
     adapter = models.load(args.model, args.model_path, tiny=args.tiny, device=device, dtype=weight_dtype,
-                          variant=args.variant, condition_max_pixels=args.condition_max_pixels)
-    transformer = adapter.pipe.transformer
+                          variant=args.variant, condition_max_pixels=args.condition_max_pixels,
+                          train_experts=args.train_experts, guidance_scale_2=args.guidance_scale_2)
+    transformer = adapter.trained_module()  # the transformer (Wan2.2-A14B: its trained experts as one module)
     if args.attention_backend:
         transformer.set_attention_backend(args.attention_backend)
     if args.gradient_checkpointing:
@@ -296,7 +318,8 @@ def main(args: Args):
     if args.kl_beta > 0 and args.finetune == "full":
         ref_model = copy.deepcopy(transformer).requires_grad_(False).to(args.ref_device or device)
     params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
-    reward_set = rewards.load_rewards(list(args.reward), reward_paths, device=device)
+    reward_set = rewards.load_rewards(list(args.reward), reward_paths, device=device,
+                                      frame_stride=args.reward_frame_stride)
 
     # SHARED: optimizer, EMA, resume
     optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -321,13 +344,13 @@ def main(args: Args):
                       f"{args.gradient_steps_per_epoch} optimizer steps per inner epoch *****")
 
     # SHARED: conditioning and reward
-    def encode(items):
+    def encode(items, state):
         negatives = [it.negative_prompt or args.negative_prompt for it in items]
         images = None if adapter.condition_images == "none" else [[data.load_image(p) for p in it.images]
                                                                   for it in items]
         return adapter.encode_prompt([it.prompt for it in items],
                                      negatives if any(n is not None for n in negatives) else None,
-                                     args.max_sequence_length, images)
+                                     args.max_sequence_length, images, state)
 
     def shown(items, images):  # sample grids put an edit model's condition images beside its output
         return tracking.with_conditions(images, [it.images if adapter.condition_images != "none" else []
@@ -337,8 +360,7 @@ def main(args: Args):
         return lambda z, i: adapter.predict(z, sigmas[i], cond, state, args.guidance_scale, args.true_cfg_scale)
 
     def score(items, images):
-        meta = [{**it.metadata, "prompt": it.prompt, "images": it.images, "videos": it.videos} for it in items]
-        return reward_set.score(images, [it.prompt for it in items], meta)
+        return reward_set.score(images, [it.prompt for it in items], data.reward_metadata(items))
 
     # SHARED: evaluation
     def evaluate(epoch):  # held-out ODE samples with the EMA weights: metrics and the grid's images
@@ -359,7 +381,7 @@ def main(args: Args):
         plan = group_sampler.plan(epoch)
         window = sampler.draw_sde_window(args.num_steps, args.sde_window_size, *args.sde_window_range,
                                          seed=args.seed * 100_003 + epoch)
-        state = adapter.make_state(args.resolution, args.resolution)
+        state = adapter.make_state(*height_width(args.resolution), args.num_frames)
         sigmas = adapter.sigmas(args.num_steps, state).to(device)
         samples = []
         adapter.transformer.eval()
@@ -368,15 +390,17 @@ def main(args: Args):
             items = [train_items[i] for i in idx]
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + rank * 101 + b)
             with timer("rollout"), accelerator.autocast():
-                cond = encode(items)
-                z = adapter.prepare_noise(len(idx), args.resolution, args.resolution, gen)
+                cond = encode(items, state)
+                z = adapter.prepare_noise(len(idx), *height_width(args.resolution), gen, args.num_frames)
                 traj = sampler.rollout(predictor(cond, state, sigmas), z, sigmas, window, args.noise_level,
                                        args.dynamics, generator=torch.Generator(device).manual_seed(gen.initial_seed() + 1),
                                        storage_dtype=storage_dtype, keep_means=True)
-                images = adapter.decode(traj.final, state)
+                images = adapter.decode(traj.final, state, cond)
             with timer("reward"):
                 scores = score(items, images)
             samples.append(dict(cond=cond, latents=traj.latents, log_probs=traj.log_probs, means=traj.means, scores=scores))
+            if args.offload_samples:  # back to the device one micro-batch at a time in training
+                samples[-1] = sampler.to_device(samples[-1], "cpu")
             if b == 0 and accelerator.is_main_process and args.eval_every and (epoch + 1) % args.eval_every == 0:
                 tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), f"train_epoch{epoch:04d}",
                                       shown(items, images.cpu()), [it.prompt for it in items], epoch)
@@ -410,7 +434,7 @@ def main(args: Args):
                     len(samples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch * 10 + inner)).tolist()
                 for b in tqdm(order, desc=f"epoch {epoch} train", disable=not accelerator.is_local_main_process,
                               leave=False):
-                    s = samples[b]
+                    s = sampler.to_device(samples[b], device)  # a no-op unless --offload-samples
                     for j in window:
                         sync = (micro + 1) % grad_accum == 0
                         with (contextlib.nullcontext() if sync else accelerator.no_sync(adapter.transformer)):
@@ -502,7 +526,7 @@ def main(args: Args):
             if args.finetune == "lora":
                 adapter.save_lora(os.path.join(args.output_dir, "lora"))
             else:
-                transformer.save_pretrained(os.path.join(args.output_dir, "transformer"))
+                adapter.save_full(args.output_dir)  # <output_dir>/transformer (and transformer_2)
         if base_eval is not None and args.eval_every:  # before/after table and grid
             accelerator.print(tracking.before_after_table(base_eval, final_eval))
             tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), "before_after",

@@ -36,9 +36,61 @@ def parse_with_presets(args_cls, presets: dict, tiny_presets: dict | None = None
     if known.tiny:  # "*": every model's tiny settings, then the model's own
         overrides.update((tiny_presets or {}).get("*", {}))
         overrides.update((tiny_presets or {}).get(known.model, {}))
-    default = dataclasses.replace(args_cls(), model=known.model, tiny=known.tiny, **overrides)
+    base = args_cls()
+    for k, v in overrides.items():  # a preset may give a size as one int: (v,) for a tuple field like resolution
+        if isinstance(getattr(base, k, None), tuple) and isinstance(v, int):
+            overrides[k] = (v,)
+    default = dataclasses.replace(base, model=known.model, tiny=known.tiny, **overrides)
     is_main = int(os.environ.get("RANK", "0")) == 0  # every rank parses; only one prints
     return tyro.cli(args_cls, default=default, args=argv, console_outputs=is_main)
+
+
+def height_width(resolution) -> tuple[int, int]:
+    """--resolution S (square) or --resolution H W -> (H, W)."""
+    if len(resolution) not in (1, 2):
+        raise ConfigError(f"a resolution is SIZE or HEIGHT WIDTH, got {' '.join(map(str, resolution))}")
+    return (resolution[0], resolution[-1])
+
+
+def check_sizes(args, adapter_cls):
+    """Before any model loads: training and evaluation sizes and frame counts the model can generate, and the
+    video options (every algorithm script calls this from its check_args)."""
+    for res, frames, what in ((args.resolution, args.num_frames, "training"),
+                              (args.eval_resolution, args.eval_num_frames, "evaluation")):
+        try:
+            adapter_cls.check_size(*height_width(res), frames, args.variant)
+        except ValueError as e:
+            raise ConfigError(f"{what} size: {e}") from None
+    if args.reward_frame_stride < 1:
+        raise ConfigError(f"--reward-frame-stride must be >= 1, got {args.reward_frame_stride}")
+    if args.guidance_scale_2 is not None and len(adapter_cls.expert_steps(args.variant, 1)) < 2:
+        raise ConfigError(f"--guidance-scale-2 is the low-noise expert's scale; {args.model} has one transformer")
+
+
+def check_expert_reach(args, adapter_cls, steps=None, sigma_range=None):
+    """Wan2.2-A14B: refuse a run whose trained steps (`steps`, rollout step indices) or training sigmas
+    (`sigma_range`, a closed interval) never reach a trained expert or reach an expert that does not train
+    (its steps would carry no gradient), in one line saying which steps each expert owns."""
+    owners = adapter_cls.expert_steps(args.variant, args.num_steps, args.model_path)
+    if len(owners) < 2:
+        return
+    trained = {"high": ["transformer"], "low": ["transformer_2"], "both": ["transformer", "transformer_2"]}[
+        args.train_experts]
+    if steps is not None:
+        reached = {e for e, own in owners.items() for i in steps if i in own}
+    else:
+        reached = {adapter_cls.expert_of_sigma(args.variant, s, args.model_path) for s in sigma_range}
+    def span(own):
+        return f"{own[0]}-{own[-1]}" if own else "none"
+    where = (f"with {args.num_steps} steps, steps {span(owners['transformer'])} are the high-noise expert's "
+             f"(transformer) and steps {span(owners['transformer_2'])} the low-noise expert's (transformer_2)")
+    what = f"steps {sorted(steps)}" if steps is not None else f"training sigmas {tuple(round(s, 4) for s in sigma_range)}"
+    missing, untrained = [e for e in trained if e not in reached], [e for e in reached if e not in trained]
+    if missing:
+        raise ConfigError(f"--train-experts {args.train_experts}: the {what} never reach {', '.join(missing)}; {where}")
+    if untrained:
+        raise ConfigError(f"--train-experts {args.train_experts}: the {what} reach {', '.join(untrained)}, which does "
+                          f"not train; {where}")
 
 
 USER_ERRORS = _user_errors()

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -135,6 +136,57 @@ def check_condition_images(items: list[Item], mode: str, model: str) -> None:
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 raise DataError(f"{it.source}: unreadable image {p}: {' '.join(str(e).split())}") from None
             checked.add(p)
+
+
+def check_videos(items: list[Item]) -> None:
+    """Before any model loads: every video of every row opens and decodes its first frame (each distinct
+    file probed once). Missing files are caught earlier, by load_split, with file:line."""
+    from common.video import probe_video
+    checked = set()
+    for it in items:
+        for p in it.videos:
+            if p in checked:
+                continue
+            try:
+                probe_video(p)
+            except DataError as e:
+                reason = str(e).split(": ", 1)[1] if str(e).startswith(f"cannot read video {p}: ") else str(e)
+                raise DataError(f"{it.source}: unreadable video {p}: {reason}") from None
+            checked.add(p)
+
+
+_VIDEO_CACHE: "OrderedDict[str, tuple[torch.Tensor, float]]" = OrderedDict()
+_VIDEO_CACHE_ITEMS, _VIDEO_CACHE_BYTES = 32, 4 * 2**30
+
+
+def load_video(path: str) -> tuple[torch.Tensor, float]:
+    """(frames float32 (F, 3, H, W) in [0, 1] RGB, fps) of a video file; DataError if unreadable.
+    Cached (the K copies of a prompt share one file): the 32 most recently used videos, at most 4 GiB of
+    frames in all (a larger video is not cached). The same tensor comes back for the same path, so do not
+    modify it in place (.clone() first); load_video.cache_clear() empties the cache."""
+    path = os.path.abspath(path)
+    hit = _VIDEO_CACHE.get(path)
+    if hit is not None:
+        _VIDEO_CACHE.move_to_end(path)
+        return hit
+    from common.video import read_video
+    frames, fps = read_video(path)
+    if frames.nbytes <= _VIDEO_CACHE_BYTES:
+        _VIDEO_CACHE[path] = (frames, fps)
+        while (len(_VIDEO_CACHE) > _VIDEO_CACHE_ITEMS
+               or sum(v[0].nbytes for v in _VIDEO_CACHE.values()) > _VIDEO_CACHE_BYTES):
+            _VIDEO_CACHE.popitem(last=False)
+    return frames, fps
+
+
+load_video.cache_clear = _VIDEO_CACHE.clear
+
+
+def reward_metadata(items: list[Item]) -> list[dict]:
+    """What the rewards receive per sample: the row's other jsonl keys, its prompt, the condition image paths
+    ("images"), the video paths ("videos") and those videos decoded ("video_frames": (frames, fps) pairs)."""
+    return [{**it.metadata, "prompt": it.prompt, "images": it.images, "videos": it.videos,
+             "video_frames": [load_video(p) for p in it.videos]} for it in items]
 
 
 @dataclass

@@ -10,16 +10,19 @@ import os
 import torch
 
 from common import sampler, tracking
+from common.cli import height_width
 
 
 @torch.no_grad()
 def evaluate(accelerator, adapter, items, encode, predictor, score, shown, reward_set, args, epoch):
-    """Returns ({"eval/...": value}, the grid's images). The script's helpers: `encode(items)` conditioning,
+    """Returns ({"eval/...": value}, the grid's images). The script's helpers: `encode(items, state)` conditioning,
     `predictor(cond, state, sigmas)` the guided velocity, `score(items, images)` rewards, `shown(items, images)`
-    grid images; args supplies eval_resolution, eval_num_steps, eval_batch_size, eval_seed and output_dir.
+    grid images; args supplies eval_resolution, eval_num_frames, eval_num_steps, eval_batch_size, eval_seed and
+    output_dir.
     The caller picks the weights (EMA) and autocast."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    state = adapter.make_state(args.eval_resolution, args.eval_resolution)
+    height, width = height_width(args.eval_resolution)
+    state = adapter.make_state(height, width, args.eval_num_frames)
     sigmas = adapter.sigmas(args.eval_num_steps, state)
     per_rank = -(-len(items) // world)  # padded so that every rank gathers as many
     mine = [i % len(items) for i in range(rank * per_rank, (rank + 1) * per_rank)]
@@ -28,10 +31,11 @@ def evaluate(accelerator, adapter, items, encode, predictor, score, shown, rewar
     for start in range(0, len(mine), args.eval_batch_size):
         idx = mine[start:start + args.eval_batch_size]
         batch = [items[i] for i in idx]
-        z = torch.cat([adapter.prepare_noise(1, args.eval_resolution, args.eval_resolution,
-                                             torch.Generator().manual_seed(args.eval_seed + i)) for i in idx])
-        traj = sampler.rollout(predictor(encode(batch), state, sigmas), z, sigmas)
-        imgs = adapter.decode(traj.final, state)
+        z = torch.cat([adapter.prepare_noise(1, height, width, torch.Generator().manual_seed(args.eval_seed + i),
+                                             args.eval_num_frames) for i in idx])
+        cond = encode(batch, state)
+        traj = sampler.rollout(predictor(cond, state, sigmas), z, sigmas)
+        imgs = adapter.decode(traj.final, state, cond)
         for k, v in score(batch, imgs).items():
             scores[k].append(v)
         images += [img for i, img in zip(idx, shown(batch, imgs.cpu())) if i in grid_ids]

@@ -139,3 +139,14 @@ def rollout(predict, z, sigmas, sde_steps=(), eta=0.0, dynamics="ODE", keep=None
         traj.latents[len(sigmas) - 1] = z.to(storage_dtype)
     traj.final = z
     return traj
+
+
+def to_device(obj, device):
+    """Tensors of a nested dict / list / tuple on `device` (a tensor already there is returned as is)."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj

@@ -1,5 +1,6 @@
 """Run outputs: metrics.jsonl (one JSON object per epoch), sample grids, tracker images, timings, memory."""
 import json
+import math
 import os
 import resource
 import time
@@ -71,19 +72,47 @@ def with_conditions(images: torch.Tensor, condition_paths: list[list[str]]) -> l
     return out
 
 
-def save_samples(accelerator, out_dir, tag, images, captions, step):
-    """Write samples/<tag>.png and a captions file; send the grid to the trackers."""
+def _as_videos(images):
+    """The samples as a list of (F, 3, H, W) tensors if they are videos, else None (images)."""
+    if torch.is_tensor(images):
+        return list(images) if images.dim() == 5 else None
+    images = list(images)
+    return images if images and all(torch.is_tensor(v) and v.dim() == 4 for v in images) else None
+
+
+def save_samples(accelerator, out_dir, tag, images, captions, step, *, fps: float = 16):
+    """Write samples/<tag>.png and a captions file; send the grid to the trackers.
+    Videos ((B,F,3,H,W) or a list of (F,3,H,W)): <tag>.png is a column of frame strips (one row per sample)
+    and <tag>.mp4 plays the grid of all samples' frame t (a shorter sample holds its last frame)."""
+    from common.video import frame_strip, write_frames
     os.makedirs(out_dir, exist_ok=True)
-    grid = image_grid(images)
+    videos = _as_videos(images)
+    mp4 = None
+    if videos is None:
+        grid = image_grid(images)
+    else:
+        videos = [v.detach().float().cpu() for v in videos]
+        grid = image_grid([frame_strip(v) for v in videos], nrow=1)
+        nrow = math.ceil(math.sqrt(len(videos)))  # a squarish grid plays in any player
+        frames = (image_grid([v[min(t, len(v) - 1)] for v in videos], nrow=nrow)
+                  for t in range(max(len(v) for v in videos)))
+        mp4 = write_frames(os.path.join(out_dir, f"{tag}.mp4"), frames, fps)
     Image.fromarray(grid).save(os.path.join(out_dir, f"{tag}.png"))
     with open(os.path.join(out_dir, f"{tag}.txt"), "w") as f:
         f.write("\n".join(captions) + "\n")
+    key = f"samples/{tag.split('_')[0]}"
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_image(f"samples/{tag.split('_')[0]}", grid, step, dataformats="HWC")
+            # videos: the strips only (SummaryWriter.add_video needs moviepy, which we do not install)
+            tracker.writer.add_image(key, grid, step, dataformats="HWC")
         elif tracker.name == "wandb":
             import wandb
-            tracker.log({f"samples/{tag.split('_')[0]}": wandb.Image(grid, caption=" | ".join(captions[:8]))}, step=step)
+            caption = " | ".join(captions[:8])
+            if mp4 is None:
+                tracker.log({key: wandb.Image(grid, caption=caption)}, step=step)
+            else:
+                tracker.log({key: wandb.Video(mp4, caption=caption),
+                             f"{key}_frames": wandb.Image(grid, caption=caption)}, step=step)
 
 
 def before_after_table(base: dict, final: dict) -> str:

@@ -98,10 +98,13 @@ def _build_custom(name: str):
 
 
 class RewardSet:
-    """The rewards of a run: .names (spec order), .weights and .rewards keyed by name."""
+    """The rewards of a run: .names (spec order), .weights and .rewards keyed by name. Videos (B, F, 3, H, W) reach
+    each reward with every `frame_strides[name]`-th frame (registry rewards: the run's stride; custom rewards: all
+    frames); image rewards score a video as the mean over the frames they receive (rewards.base.over_frames)."""
 
-    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float]):
+    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float], frame_strides: dict[str, int] | None = None):
         self.names, self.rewards, self.weights = list(rewards), rewards, weights
+        self.frame_strides = {name: (frame_strides or {}).get(name, 1) for name in self.names}
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
         """Raw scores of every reward: {name: (B,) float32 CPU}. Raises RewardError on bad shape or NaN/inf."""
@@ -110,8 +113,9 @@ class RewardSet:
             raise RewardError(f"got {B} images but {len(prompts)} prompts")
         out = {}
         for name in self.names:
+            x = images[:, ::self.frame_strides[name]] if images.dim() == 5 else images
             with torch.no_grad():
-                s = torch.as_tensor(self.rewards[name](images, prompts, metadata)).detach().float().cpu()
+                s = torch.as_tensor(self.rewards[name](x, prompts, metadata)).detach().float().cpu()
             if s.shape != (B,):
                 raise RewardError(f"reward {name!r} returned shape {tuple(s.shape)}, expected ({B},)")
             bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
@@ -131,8 +135,9 @@ class RewardSet:
 
 
 def load_rewards(specs: list[str], paths: dict[str, str] | None = None, device="cpu",
-                 dtype=torch.float32) -> RewardSet:
-    """Build the rewards of `specs`. paths maps a registry name to a local folder overriding its hub id."""
+                 dtype=torch.float32, frame_stride: int = 1) -> RewardSet:
+    """Build the rewards of `specs`. paths maps a registry name to a local folder overriding its hub id; the
+    registry rewards score every `frame_stride`-th frame of a video (custom rewards receive every frame)."""
     check_specs(specs)
     paths = {k.lower() if k.lower() in REGISTRY else k: v for k, v in (paths or {}).items()}
     parsed = [parse_spec(s) for s in specs]
@@ -146,4 +151,4 @@ def load_rewards(specs: list[str], paths: dict[str, str] | None = None, device="
         else:
             rewards[name] = _build_custom(name)
         weights[name] = weight
-    return RewardSet(rewards, weights)
+    return RewardSet(rewards, weights, {name: frame_stride for name in rewards if name in REGISTRY})

@@ -25,9 +25,11 @@ def _inputs(a, n=2):
     images = None
     if a.condition_images in ("one", "many"):
         images = [[Image.new("RGB", (64, 64), (200, 40 * i, 90))] for i in range(n)]
-    cond = a.encode_prompt(["a red cube", "a blue ball"][:n], ["", "blurry"][:n], max_sequence_length=32, images=images)
-    state = a.make_state(64, 64)
-    return cond, state, a.prepare_noise(n, 64, 64, torch.Generator().manual_seed(3))
+    frames = 5 if a.video else 1
+    state = a.make_state(64, 64, frames)
+    cond = a.encode_prompt(["a red cube", "a blue ball"][:n], ["", "blurry"][:n], max_sequence_length=32, images=images,
+                           state=state)
+    return cond, state, a.prepare_noise(n, 64, 64, torch.Generator().manual_seed(3), frames)
 
 
 @pytest.mark.parametrize("name,variant", VARIANTS)
@@ -64,8 +66,14 @@ def test_every_algorithm_runs_one_epoch(name, tmp_path):
         assert [r["epoch"] for r in rows] == [-1, 0]
         assert all(v == v for r in rows for v in r.values() if isinstance(v, float))  # no NaN
         assert (tmp_path / script / "lora/pytorch_lora_weights.safetensors").is_file()
-        # 4 eval prompts in one row; an edit model's cells hold its condition image and its output side by side
         width = Image.open(tmp_path / script / "samples/eval_base.png").size[0]
+        if models.adapter_class(name).video:  # one row per eval prompt, a strip of its 5 frames; an mp4 of a 2x2 grid
+            from common.video import read_video
+            assert Image.open(tmp_path / script / "samples/eval_base.png").size == (5 * 64, 4 * 64), script
+            frames, _ = read_video(str(tmp_path / script / "samples/eval_base.mp4"))
+            assert frames.shape == (5, 3, 2 * 64, 2 * 64)
+            continue
+        # 4 eval prompts in one row; an edit model's cells hold its condition image and its output side by side
         needs_images = models.adapter_class(name).condition_images in ("one", "many")
         assert width == 4 * 64 * (2 if needs_images else 1), (script, width)
 

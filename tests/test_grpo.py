@@ -36,11 +36,11 @@ def read_metrics(out):
 
 def test_presets_and_overrides():
     a = tiny_args("x")
-    assert (a.resolution, a.group_size, a.reward) == (64, 4, ("jpeg_compressibility",))
+    assert (a.resolution, a.group_size, a.reward) == ((64,), 4, ("jpeg_compressibility",))
     b = tiny_args("x", "--group-size", "8", "--prompts-per-epoch", "2")
-    assert (b.group_size, b.prompts_per_epoch, b.resolution) == (8, 2, 64)
+    assert (b.group_size, b.prompts_per_epoch, b.resolution) == (8, 2, (64,))
     full = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--model", "flux1"])
-    assert (full.resolution, full.mixed_precision, full.gradient_checkpointing) == (512, "bf16", True)
+    assert (full.resolution, full.mixed_precision, full.gradient_checkpointing) == ((512,), "bf16", True)
     with pytest.raises(SystemExit):
         parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--tiny", "--no-such-flag", "1"])
 

@@ -12,6 +12,8 @@ MODELS = {
     "qwen-image-edit-plus": "common.models.qwen_image:QwenImageEditPlusAdapter",
     "flux2": "common.models.flux2:Flux2Adapter",
     "flux2-klein": "common.models.flux2:Flux2KleinAdapter",
+    "wan2_t2v": "common.models.wan:WanT2VAdapter",
+    "wan2_i2v": "common.models.wan:WanI2VAdapter",
     # the embedded shapes model (models/shapes-flux) is a FLUX.1-architecture pipeline: same adapter
     "shapes": "common.models.flux1:Flux1Adapter",
 }
@@ -27,7 +29,17 @@ def adapter_class(name: str, variant=None) -> type[Adapter]:
     return cls
 
 
-def load(name: str, path=None, tiny=False, device="cpu", dtype=None, variant=None, condition_max_pixels=None) -> Adapter:
+def load(name: str, path=None, tiny=False, device="cpu", dtype=None, variant=None, condition_max_pixels=None,
+         **options) -> Adapter:
+    """`options`: model options of the adapter's constructor (Wan2.2-A14B: train_experts, guidance_scale_2)."""
     import torch
     return adapter_class(name).load(path, tiny=tiny, device=device, dtype=dtype or torch.float32, variant=variant,
-                                    condition_max_pixels=condition_max_pixels)
+                                    condition_max_pixels=condition_max_pixels, **options)
+
+
+def ddp_kwargs(args):
+    """accelerate's DDP options for a run: when both Wan2.2-A14B experts train, each step runs only one of them,
+    so DDP must look for parameters that got no gradient (find_unused_parameters)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+    experts = adapter_class(args.model, args.variant).expert_steps(args.variant, 1)
+    return DistributedDataParallelKwargs(find_unused_parameters=len(experts) > 1 and args.train_experts == "both")

@@ -34,11 +34,16 @@ class Adapter:
     # PRESETS[name] adds its algorithm's settings on top (common/cli.py); the Args defaults are FLUX.1-dev's
     preset: dict = {}
     unguided = (1.0, 1.0)  # (guidance_scale, true_cfg_scale) of a guidance-free forward (NFT/AWM training)
+    size_multiple = 16     # height and width must be multiples of this (VAE x8, then 2x2 patches or packing)
+    video = False          # video models: latents carry a frame axis and num_frames may be 4k+1
 
-    def __init__(self, pipe, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None):
+    def __init__(self, pipe, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None,
+                 train_experts="both", guidance_scale_2=None):
         self.pipe, self.device, self.dtype = pipe, torch.device(device), dtype
         self.variant = variant or (next(iter(self.variants)) if self.variants else None)
         self.condition_max_pixels = condition_max_pixels or self.default_condition_max_pixels
+        # Wan2.2-A14B options: which of the two experts train, and the low-noise expert's CFG scale
+        self.train_experts, self.guidance_scale_2 = train_experts, guidance_scale_2
         for comp in pipe.components.values():
             if isinstance(comp, torch.nn.Module):
                 comp.requires_grad_(False).eval()
@@ -50,10 +55,12 @@ class Adapter:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, path=None, tiny=False, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None):
-        """tiny: random tiny components built in code; else `path` (hub id or local folder)."""
+    def load(cls, path=None, tiny=False, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None,
+             **options):
+        """tiny: random tiny components built in code; else `path` (hub id or local folder). `options`: the
+        constructor's model options (train_experts, guidance_scale_2)."""
         variant = cls.check_variant(variant)
-        kw = dict(variant=variant, condition_max_pixels=condition_max_pixels)
+        kw = dict(variant=variant, condition_max_pixels=condition_max_pixels, **options)
         if tiny:
             return cls(cls.build_tiny(variant) if cls.variants else cls.build_tiny(), device, dtype, **kw)
         path = path or cls.variants.get(variant, cls.hub_id)
@@ -75,19 +82,34 @@ class Adapter:
         return variant or (next(iter(cls.variants)) if cls.variants else None)
 
     @classmethod
+    def check_size(cls, height, width, num_frames, variant=None):
+        """Before any model loads: the sizes this model can generate, or one clear line."""
+        m = cls.size_multiple
+        if height < m or width < m or height % m or width % m:
+            raise ModelError(f"{cls.name}: height and width must be positive multiples of {m}, got {height}x{width}")
+        if num_frames != 1 and not cls.video:
+            raise ModelError(f"{cls.name} generates images: --num-frames must be 1, got {num_frames}")
+
+    @classmethod
+    def expert_steps(cls, variant, num_steps, model_path=None) -> dict[str, list[int]]:
+        """Which rollout steps each transformer owns (Wan2.2-A14B has two experts); no weights are loaded."""
+        return {"transformer": list(range(num_steps))}
+
+    @classmethod
     def build_tiny(cls, variant=None):
         raise NotImplementedError(f"{cls.name} has no tiny build")
 
     # ---- the RL interface (model-specific) ------------------------------------------------------
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None) -> dict:
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None, state=None) -> dict:
         """Batch-first conditioning tensors. `images`: None, or one list of PIL RGB condition images per
-        prompt (models with condition_images != "none"); their latents go into the returned dict."""
+        prompt (models with condition_images != "none"); their latents go into the returned dict. `state`: the
+        rollout's make_state (image-to-video conditions are built at the video's size and length)."""
         raise NotImplementedError
 
-    def prepare_noise(self, n, height, width, generator=None) -> torch.Tensor:
+    def prepare_noise(self, n, height, width, generator=None, num_frames=1) -> torch.Tensor:
         raise NotImplementedError
 
-    def make_state(self, height, width) -> dict:
+    def make_state(self, height, width, num_frames=1) -> dict:
         """Static per-resolution inputs (position ids, shapes), shared by every sample of a rollout."""
         raise NotImplementedError
 
@@ -97,7 +119,9 @@ class Adapter:
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, z, state) -> torch.Tensor:
+    def decode(self, z, state, cond=None) -> torch.Tensor:
+        """Images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1]; `cond` for models whose condition is part of the
+        output (Wan2.2-TI2V-5B image-to-video: its first frame)."""
         raise NotImplementedError
 
     # ---- shared helpers -------------------------------------------------------------------------
@@ -145,36 +169,58 @@ class Adapter:
         """Rows `index` of every batch-first tensor in a cond dict."""
         return {k: v[index] if torch.is_tensor(v) else v for k, v in cond.items()}
 
+    def trained_components(self) -> dict:
+        """{pipeline component name: module} of the networks that train (Wan2.2-A14B: one or both experts)."""
+        return {"transformer": self.pipe.transformer}
+
+    def trained_module(self) -> torch.nn.Module:
+        """The one module the script trains, wraps (DDP) and checkpoints: the transformer, or both experts."""
+        return self.pipe.transformer
+
     def add_lora(self, rank, alpha, target_modules=None, init="gaussian"):
-        """Attach a LoRA adapter; every target must match at least one module (no silent skips).
-        Targets are module-name suffixes, or one regex string matched against full names (as PEFT does)."""
+        """Attach a LoRA adapter to every trained component; every target must match at least one module (no
+        silent skips). Targets are module-name suffixes, or one regex string matched against full names (as PEFT
+        does). Returns the number of LoRA-wrapped modules."""
         from peft import LoraConfig
         targets = target_modules or self.default_target_modules
-        names = [n for n, _ in self.pipe.transformer.named_modules()]
-        if isinstance(targets, str):
-            if not any(re.fullmatch(targets, n) for n in names):
-                raise ModelError(f"LoRA target regex {targets!r} matches no module of the {self.name} transformer")
-        else:
-            targets = list(targets)
-            for t in targets:
-                if not any(n == t or n.endswith("." + t) for n in names):
-                    raise ModelError(f"LoRA target {t!r} matches no module of the {self.name} transformer")
-        self.pipe.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                                     init_lora_weights=init))
-        return sum(1 for n, m in self.pipe.transformer.named_modules() if hasattr(m, "lora_A"))
+        targets = targets if isinstance(targets, str) else list(targets)
+        total = 0
+        for comp, net in self.trained_components().items():
+            names = [n for n, _ in net.named_modules()]
+            if isinstance(targets, str):
+                if not any(re.fullmatch(targets, n) for n in names):
+                    raise ModelError(f"LoRA target regex {targets!r} matches no module of the {self.name} {comp}")
+            else:
+                for t in targets:
+                    if not any(n == t or n.endswith("." + t) for n in names):
+                        raise ModelError(f"LoRA target {t!r} matches no module of the {self.name} {comp}")
+            net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=init))
+            total += sum(1 for _, m in net.named_modules() if hasattr(m, "lora_A"))
+        return total
 
     @contextmanager
     def lora_disabled(self):
-        """The reference policy for LoRA runs: the same network with adapters off."""
-        self.pipe.transformer.disable_adapters()
+        """The reference policy for LoRA runs: the same networks with adapters off."""
+        nets = list(self.trained_components().values())
+        for net in nets:
+            net.disable_adapters()
         try:
             yield
         finally:
-            self.pipe.transformer.enable_adapters()
+            for net in nets:
+                net.enable_adapters()
 
     def save_lora(self, out_dir):
+        """diffusers LoRA files: `transformer` into out_dir, another component C (Wan2.2's transformer_2) into
+        out_dir/C, which the stock pipeline loads with load_lora_weights(out_dir/C, load_into_transformer_2=True)."""
         from peft.utils import get_peft_model_state_dict
-        tr = self.pipe.transformer
-        self.pipeline_cls.save_lora_weights(
-            out_dir, transformer_lora_layers=get_peft_model_state_dict(tr),
-            transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict(), safe_serialization=True)
+        for comp, net in self.trained_components().items():
+            self.pipeline_cls.save_lora_weights(
+                out_dir if comp == "transformer" else os.path.join(out_dir, comp),
+                transformer_lora_layers=get_peft_model_state_dict(net),
+                transformer_lora_adapter_metadata=net.peft_config["default"].to_dict(), safe_serialization=True)
+
+    def save_full(self, out_dir):
+        """Fully fine-tuned weights: each trained component into out_dir/<component> (diffusers format)."""
+        for comp, net in self.trained_components().items():
+            net.save_pretrained(os.path.join(out_dir, comp))

@@ -40,7 +40,7 @@ class Flux1Adapter(Adapter):
                             feature_extractor=None)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None, state=None):
         def encode(texts):
             return self.per_row(texts, lambda uniq: self.pipe.encode_prompt(
                 uniq, device=self.device, max_sequence_length=max_sequence_length)[:2])
@@ -50,12 +50,12 @@ class Flux1Adapter(Adapter):
                             encode([n or "" for n in negative_prompts])))
         return cond
 
-    def make_state(self, height, width):
+    def make_state(self, height, width, num_frames=1):
         h, w = self._latent_hw(height, width)
         ids = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
         return {"height": height, "width": width, "img_ids": ids, "seq_len": (h // 2) * (w // 2)}
 
-    def prepare_noise(self, n, height, width, generator=None):
+    def prepare_noise(self, n, height, width, generator=None, num_frames=1):
         # the same draw as FluxPipeline.prepare_latents: one randn of (B, 16, h, w), then packing
         h, w = self._latent_hw(height, width)
         c = self.config.in_channels // 4
@@ -87,7 +87,7 @@ class Flux1Adapter(Adapter):
         return v
 
     @torch.no_grad()
-    def decode(self, z, state):
+    def decode(self, z, state, cond=None):
         vae = self.pipe.vae
         x = self.pipe._unpack_latents(z.to(self.dtype), state["height"], state["width"], self.pipe.vae_scale_factor)
         x = x / vae.config.scaling_factor + vae.config.shift_factor

@@ -49,7 +49,7 @@ class Flux1KontextAdapter(Flux1Adapter):
         return max(f, int(bh) // f * f), max(f, int(bw) // f * f)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None, state=None):
         if images is None or len(images) != len(prompts) or any(len(im) != 1 for im in images):
             raise ModelError(f"{self.name} needs exactly one condition image per prompt")
         cond = super().encode_prompt(prompts, negative_prompts, max_sequence_length)

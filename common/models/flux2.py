@@ -94,7 +94,7 @@ class Flux2Adapter(Adapter):
         return False
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None, state=None):
         def encode(texts):
             return self.per_row(texts, lambda uniq: self.pipe.encode_prompt(
                 uniq, device=self.device, max_sequence_length=max_sequence_length)[0])
@@ -146,12 +146,12 @@ class Flux2Adapter(Adapter):
         h, w = super()._latent_hw(height, width)
         return h // 2, w // 2  # the grid after the VAE's 2x2 patchify (128 channels)
 
-    def make_state(self, height, width):
+    def make_state(self, height, width, num_frames=1):
         h, w = self._latent_hw(height, width)
         return {"height": height, "width": width, "latent_hw": (h, w), "img_ids": _ids(0, h, w, 1).to(self.device),
                 "seq_len": h * w}
 
-    def prepare_noise(self, n, height, width, generator=None):
+    def prepare_noise(self, n, height, width, generator=None, num_frames=1):
         # the same draw as Flux2Pipeline.prepare_latents: one randn of (B, 128, H/16, W/16), then flattening
         h, w = self._latent_hw(height, width)
         z = torch.randn((n, self.config.in_channels, h, w), generator=generator, device="cpu", dtype=self.dtype)
@@ -184,7 +184,7 @@ class Flux2Adapter(Adapter):
         return v
 
     @torch.no_grad()
-    def decode(self, z, state):
+    def decode(self, z, state, cond=None):
         vae = self.pipe.vae
         h, w = state["latent_hw"]
         x = z.to(self.dtype).reshape(z.shape[0], h, w, -1).permute(0, 3, 1, 2)  # tokens are row-major

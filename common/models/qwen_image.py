@@ -121,7 +121,7 @@ class QwenImageAdapter(Adapter):
                                  text_encoder=_tiny_text_encoder(tok), tokenizer=tok, transformer=_tiny_transformer())
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None, state=None):
         def encode_unique(texts):
             emb, mask = self.pipe.encode_prompt(texts, device=self.device, max_sequence_length=max_sequence_length)
             if mask is None:  # the pipeline drops an all-ones mask; cond keeps a tensor so rows can be selected
@@ -136,12 +136,12 @@ class QwenImageAdapter(Adapter):
             cond.update(zip(("neg_prompt_embeds", "neg_prompt_mask"), encode([n or " " for n in negative_prompts])))
         return cond
 
-    def make_state(self, height, width):
+    def make_state(self, height, width, num_frames=1):
         h, w = self._latent_hw(height, width)
         # img_shape: (frames, rows, cols) of the packed target grid, from which the transformer builds its rope
         return {"height": height, "width": width, "img_shape": (1, h // 2, w // 2), "seq_len": (h // 2) * (w // 2)}
 
-    def prepare_noise(self, n, height, width, generator=None):
+    def prepare_noise(self, n, height, width, generator=None, num_frames=1):
         # the same draw as the pipeline's prepare_latents: one randn of (B, 1, 16, h, w), then packing
         h, w = self._latent_hw(height, width)
         c = self.config.in_channels // 4
@@ -180,7 +180,7 @@ class QwenImageAdapter(Adapter):
         return v
 
     @torch.no_grad()
-    def decode(self, z, state):
+    def decode(self, z, state, cond=None):
         vae = self.pipe.vae
         x = self.pipe._unpack_latents(z.to(self.dtype), state["height"], state["width"], self.pipe.vae_scale_factor)
         # the pipeline's own arithmetic: divide by 1/std, then add the mean
@@ -224,7 +224,7 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
         return torch.cat(packed, dim=1)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None, state=None):
         if images is None or len(images) != len(prompts) or not all(images):
             raise ModelError(f"{self.name} needs one or more condition images for every prompt")
         # a batch holds K copies of a few samples: encode each distinct (prompt, images) once; the pipeline

@@ -48,7 +48,7 @@ class SD3Adapter(Adapter):
                                         text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=256, images=None):
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=256, images=None, state=None):
         if max_sequence_length > 512:  # the pipeline's own limit (check_inputs)
             raise ModelError(f"{self.name}: max_sequence_length is at most 512, got {max_sequence_length}")
 
@@ -70,12 +70,12 @@ class SD3Adapter(Adapter):
             raise ValueError(f"{self.name}: height and width must be at most {limit}, got {height}x{width}")
         return h, w
 
-    def make_state(self, height, width):
+    def make_state(self, height, width, num_frames=1):
         h, w = self._latent_hw(height, width)
         p = self.config.patch_size
         return {"height": height, "width": width, "seq_len": (h // p) * (w // p)}
 
-    def prepare_noise(self, n, height, width, generator=None):
+    def prepare_noise(self, n, height, width, generator=None, num_frames=1):
         # the same draw as StableDiffusion3Pipeline.prepare_latents: one randn of (B, 16, h, w)
         h, w = self._latent_hw(height, width)
         z = torch.randn((n, self.config.in_channels, h, w), generator=generator, device="cpu", dtype=self.dtype)
@@ -110,7 +110,7 @@ class SD3Adapter(Adapter):
         return v
 
     @torch.no_grad()
-    def decode(self, z, state):
+    def decode(self, z, state, cond=None):
         vae = self.pipe.vae
         x = z.to(self.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         img = vae.decode(x, return_dict=False)[0]

@@ -58,7 +58,7 @@ class ZImageAdapter(Adapter):
                               vae=tiny_parts.kl_vae_8x(0.3611, 0.1159), text_encoder=te, tokenizer=tok, transformer=tr)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None):
+    def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None, state=None):
         # caption lengths differ per prompt: store zero-padded (B, L_max, D) embeddings plus the lengths
         def encode_unique(texts):
             # the pipeline overwrites its prompt list with the chat-templated strings: give it a copy
@@ -74,11 +74,11 @@ class ZImageAdapter(Adapter):
                             encode([n or "" for n in negative_prompts])))
         return cond
 
-    def make_state(self, height, width):
+    def make_state(self, height, width, num_frames=1):
         h, w = self._latent_hw(height, width)
         return {"height": height, "width": width, "seq_len": (h // 2) * (w // 2)}
 
-    def prepare_noise(self, n, height, width, generator=None):
+    def prepare_noise(self, n, height, width, generator=None, num_frames=1):
         # ZImagePipeline.prepare_latents: one float32 randn of (B, 16, h, w), whatever the model dtype
         h, w = self._latent_hw(height, width)
         z = torch.randn((n, self.config.in_channels, h, w), generator=generator, device="cpu", dtype=torch.float32)
@@ -117,7 +117,7 @@ class ZImageAdapter(Adapter):
         return -out  # the model predicts data - noise
 
     @torch.no_grad()
-    def decode(self, z, state):
+    def decode(self, z, state, cond=None):
         vae = self.pipe.vae
         x = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         img = vae.decode(x, return_dict=False)[0]
