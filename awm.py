@@ -271,7 +271,8 @@ def check_args(args, world_size):
         raise ConfigError("--reward-paths entries must be NAME=PATH")
     adapter_cls = models.adapter_class(args.model, args.variant)
     check_sizes(args, adapter_cls)
-    check_expert_reach(args, adapter_cls, sigma_range=(1 - args.timestep_range[1], 1 - args.timestep_range[0]))
+    check_expert_reach(args, adapter_cls, sigma_range=(1 - args.timestep_range[1], 1 - args.timestep_range[0]),
+                       time_sampler=args.time_sampler)  # Wan2.2-A14B experts
     train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir)
     test_split = "test" if data.split_exists(args.dataset, "test") else "train"
     test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir)

@@ -67,13 +67,19 @@ def check_sizes(args, adapter_cls):
         raise ConfigError(f"--guidance-scale-2 is the low-noise expert's scale; {args.model} has one transformer")
 
 
-def check_expert_reach(args, adapter_cls, steps=None, sigma_range=None):
+def check_expert_reach(args, adapter_cls, steps=None, sigma_range=None, time_sampler=None):
     """Wan2.2-A14B: refuse a run whose trained steps (`steps`, rollout step indices) or training sigmas
-    (`sigma_range`, a closed interval) never reach a trained expert or reach an expert that does not train
-    (its steps would carry no gradient), in one line saying which steps each expert owns."""
+    (`sigma_range`, a closed interval; with a discrete `time_sampler` the rollout steps it draws from) never reach
+    a trained expert or reach an expert that does not train (its steps would carry no gradient), in one line
+    saying which steps each expert owns."""
     owners = adapter_cls.expert_steps(args.variant, args.num_steps, args.model_path)
     if len(owners) < 2:
         return
+    if time_sampler and time_sampler.startswith("discrete"):  # NFT/AWM: indices into the rollout schedule
+        from common.timesteps import discrete_range
+        a, b = discrete_range(adapter_cls.grid_sigmas(args.variant, args.num_steps, args.model_path),
+                              (1 - sigma_range[1], 1 - sigma_range[0]))
+        steps = range(a + (time_sampler == "discrete_wo_init"), b)  # b is never drawn
     trained = {"high": ["transformer"], "low": ["transformer_2"], "both": ["transformer", "transformer_2"]}[
         args.train_experts]
     if steps is not None:

@@ -68,11 +68,18 @@ def test_bad_video_flags_stop_before_loading(argv, error, match):
         grpo.check_args(args, 1)
 
 
-def test_training_sigmas_outside_the_trained_expert_stop_nft():
-    nft, args = _args("nft", "--model", "wan2_t2v", "--tiny", "--variant", "2.2-a14b", "--train-experts", "high",
-                      "--timestep-range", "0.5", "0.9")  # sigmas 0.1-0.5: all low-noise
-    with pytest.raises(ConfigError, match="never reach transformer"):
-        nft.check_args(args, 1)
+def test_training_sigmas_outside_the_trained_expert_stop_nft_and_awm():
+    # tiny A14B, 4 steps: sigmas [1, 0.9, 0.75, 0.5]; steps 0-1 high-noise (>= 0.875), 2-3 low-noise
+    base = ["--model", "wan2_t2v", "--tiny", "--variant", "2.2-a14b", "--train-experts", "high"]
+    for script in ("nft", "awm"):
+        mod, args = _args(script, *base, "--time-sampler", "uniform", "--timestep-range", "0.5", "0.9")  # 0.1-0.5
+        with pytest.raises(ConfigError, match="training sigmas \\(0.1, 0.5\\) never reach transformer;"):
+            mod.check_args(args, 1)
+        mod, args = _args(script, *base, "--time-sampler", "discrete")  # range 0-0.7 draws steps 0-2
+        with pytest.raises(ConfigError, match="steps \\[0, 1, 2\\] reach transformer_2, which does not train"):
+            mod.check_args(args, 1)
+        mod, args = _args(script, *base, "--time-sampler", "discrete", "--timestep-range", "0", "0.2")  # step 0
+        mod.check_args(args, 1)
 
 
 def _video_dataset(tmp_path, rows, make=("clip.mp4",)):

@@ -52,6 +52,14 @@ def _scheduler_config(flow_shift):
                 flow_shift=flow_shift)
 
 
+def _exact_one(sigmas):
+    """UniPC lowers sigma 1 to 1 - 1e-6, a guard for the log(alpha) of its own multistep update, which we do not run;
+    our steps need the exact 1 (Flow-SDE's sigma == 1 edge, else its std at step 0 is ~1000 eta)."""
+    if abs(float(sigmas[0]) - 1) < 1e-5:
+        sigmas[0] = 1.0
+    return sigmas
+
+
 def _high_noise(t, boundary_ratio, num_train_timesteps=1000):
     """The pipeline's expert rule on t = 1000 sigma (a tensor): the high-noise expert iff t >= boundary."""
     if boundary_ratio is None:
@@ -245,6 +253,13 @@ class _WanAdapter(Adapter):
                 "transformer_2": [i for i, h in enumerate(high) if not h]}
 
     @classmethod
+    def grid_sigmas(cls, variant, num_steps, model_path=None) -> torch.Tensor:
+        """The rollout's N+1 sigmas (as `sigmas` gives them) from the class-level or local scheduler config."""
+        sched, _ = cls._schedule(variant, model_path)
+        sched.set_timesteps(num_steps, device="cpu")
+        return _exact_one(sched.sigmas.to(torch.float32))
+
+    @classmethod
     def expert_of_sigma(cls, variant, sigma, model_path=None) -> str:
         """The expert that predicts at `sigma` ("transformer" or "transformer_2")."""
         sched, boundary = cls._schedule(variant, model_path)
@@ -324,12 +339,7 @@ class _WanAdapter(Adapter):
         return self._noise(n, height, width, generator, num_frames)
 
     def sigmas(self, num_steps, state):
-        sig = self.scheduler_sigmas(num_steps)
-        # UniPC lowers sigma 1 to 1 - 1e-6, a guard for the log(alpha) of its own multistep update, which we do not
-        # run; our steps need the exact 1 (Flow-SDE's sigma == 1 edge, else its std at step 0 is ~1000 eta)
-        if abs(float(sig[0]) - 1) < 1e-5:
-            sig[0] = 1.0
-        return sig
+        return _exact_one(self.scheduler_sigmas(num_steps))
 
     def _model_input(self, z, cond):
         """(hidden_states, extra kwargs, number of leading condition frames to drop from the output)."""
