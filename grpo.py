@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import rewards
-from common import checkpoint, data, evaluation, models, sampler, tracking
+from common import checkpoint, conditioning, data, evaluation, models, sampler, tracking
 from common.advantages import compute_advantages
 from common.cli import USER_ERRORS, ConfigError, check_expert_reach, check_sizes, height_width, parse_with_presets
 from common.ema import EMA
@@ -106,6 +106,8 @@ class Args:
     """negative prompt for rows that give none (enables true CFG)"""
     max_sequence_length: int = 512
     """text tokens for the T5 encoder"""
+    encode_once: bool = True
+    """encode every prompt once before training, keep it on the CPU, move the text encoders off the accelerator"""
     dynamics: Literal["Flow-SDE", "Dance-SDE", "CPS"] = "Flow-SDE"
     """stochastic step inside the SDE window"""
     noise_level: float = 0.7
@@ -331,13 +333,17 @@ def main(args: Args):
                       f"{args.gradient_steps_per_epoch} optimizer steps per inner epoch *****")
 
     # SHARED: conditioning and reward
-    def encode(items, state):
-        negatives = [it.negative_prompt or args.negative_prompt for it in items]
+    negatives = args.negative_prompt is not None or any(it.negative_prompt for it in train_items + test_items)
+
+    def encode_now(items, state):  # negative prompts for every row when any row has one (CFG on for all)
         images = None if adapter.condition_images == "none" else [[data.load_image(p) for p in it.images]
                                                                   for it in items]
-        return adapter.encode_prompt([it.prompt for it in items],
-                                     negatives if any(n is not None for n in negatives) else None,
+        return adapter.encode_prompt([it.prompt for it in items], [it.negative_prompt or args.negative_prompt or ""
+                                                                   for it in items] if negatives else None,
                                      args.max_sequence_length, images, state)
+
+    def encode(items, state):  # a batch's conditioning: from the rows encoded once (--encode-once), or now
+        return cache.get(items, state, device) if cache is not None else encode_now(items, state)
 
     def shown(items, images):  # sample grids put an edit model's condition images beside its output
         return tracking.with_conditions(images, [it.images if adapter.condition_images != "none" else []
@@ -348,6 +354,18 @@ def main(args: Args):
 
     def score(items, images):
         return reward_set.score(images, [it.prompt for it in items], data.reward_metadata(items))
+
+    cache = None
+    if args.encode_once:  # every prompt this process will see, once, kept on the CPU; then the encoders move off
+        with timer("encode"):
+            cache = conditioning.ConditionCache(encode_now, args.batch_size if adapter.condition_images == "none" else 1)
+            cache.fill(conditioning.rows_seen(group_sampler, train_items, rank, range(start_epoch, args.num_epochs)),
+                       adapter.make_state(*height_width(args.resolution), args.num_frames))
+            if args.eval_every:
+                cache.fill([test_items[i] for i in evaluation.rank_rows(len(test_items), rank, world)],
+                           adapter.make_state(*height_width(args.eval_resolution), args.eval_num_frames))
+        adapter.offload_encoders()
+        accelerator.print(cache.summary(timer.seconds["encode"]))
 
     # SHARED: evaluation
     def evaluate(epoch):  # held-out ODE samples with the EMA weights: metrics and the grid's images

@@ -13,6 +13,12 @@ from common import sampler, tracking
 from common.cli import height_width
 
 
+def rank_rows(n, rank, world):
+    """The evaluation rows of a rank: contiguous, padded (wrapping around) so that every rank gathers as many."""
+    per_rank = -(-n // world)
+    return [i % n for i in range(rank * per_rank, (rank + 1) * per_rank)]
+
+
 @torch.no_grad()
 def evaluate(accelerator, adapter, items, encode, predictor, score, shown, reward_set, args, epoch):
     """Returns ({"eval/...": value}, the grid's images). The script's helpers: `encode(items, state)` conditioning,
@@ -24,8 +30,7 @@ def evaluate(accelerator, adapter, items, encode, predictor, score, shown, rewar
     height, width = height_width(args.eval_resolution)
     state = adapter.make_state(height, width, args.eval_num_frames)
     sigmas = adapter.sigmas(args.eval_num_steps, state)
-    per_rank = -(-len(items) // world)  # padded so that every rank gathers as many
-    mine = [i % len(items) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    mine = rank_rows(len(items), rank, world)
     grid_ids = mine[:: max(1, len(mine) // 16)][:16]
     scores, images = {k: [] for k in reward_set.names}, []
     for start in range(0, len(mine), args.eval_batch_size):

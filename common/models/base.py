@@ -169,6 +169,12 @@ class Adapter:
         """Rows `index` of every batch-first tensor in a cond dict."""
         return {k: v[index] if torch.is_tensor(v) else v for k, v in cond.items()}
 
+    def offload_encoders(self, device="cpu"):
+        """Move the text and image encoders off the accelerator (once every prompt is encoded)."""
+        for name, comp in self.pipe.components.items():
+            if name.startswith(("text_encoder", "image_encoder")) and isinstance(comp, torch.nn.Module):
+                comp.to(device)
+
     def trained_components(self) -> dict:
         """{pipeline component name: module} of the networks that train (Wan2.2-A14B: one or both experts)."""
         return {"transformer": self.pipe.transformer}
