@@ -11,6 +11,7 @@ Paper: DiffusionNFT (arXiv 2509.16117). Math: docs/nft.md, ALGORITHMS.md E.
     accelerate launch nft.py --model flux1 --reward pickscore  # FLUX.1-dev, LoRA, PickScore
     accelerate launch --multi_gpu --num_processes 8 nft.py --model flux1 --dataset data/my_prompts
 """
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -86,6 +87,8 @@ class Args:
     """local folders overriding reward hub ids, as NAME=PATH"""
     reward_frame_stride: int = 1
     """videos: the image rewards score every this many frames (a video's score is the mean over them)"""
+    async_rewards: bool = False
+    """score each micro-batch in a background thread while the next one rolls out (joined before the advantages)"""
     advantage_aggregation: Literal["sum", "gdpo"] = "sum"
     """'sum': z-score the weighted reward sum per group; 'gdpo': z-score each reward, sum, re-standardise"""
     global_std: bool = False
@@ -390,6 +393,7 @@ def main(args: Args):
     def score(items, images):
         return reward_set.score(images, [it.prompt for it in items], data.reward_metadata(items))
 
+    reward_pool = concurrent.futures.ThreadPoolExecutor(1) if args.async_rewards else None  # one scorer at a time
     cache = None
     if args.encode_once:  # every prompt this process will see, once, kept on the CPU; then the encoders move off
         with timer("encode"):
@@ -437,8 +441,8 @@ def main(args: Args):
                                        args.dynamics, generator=torch.Generator(device).manual_seed(gen.initial_seed() + 1),
                                        storage_dtype=storage_dtype, keep=set())  # only the final latent x0
                 images = adapter.decode(traj.final, state, cond)
-            with timer("reward"):
-                scores = score(items, images)
+            with timer("reward"):  # --async-rewards: a future, scored while the next micro-batch rolls out
+                scores = reward_pool.submit(score, items, images) if reward_pool else score(items, images)
             samples.append(dict(cond=cond, x0=traj.final.to(storage_dtype), scores=scores))
             if args.offload_samples:  # back to the device one micro-batch at a time in training
                 samples[-1] = sampler.to_device(samples[-1], "cpu")
@@ -448,6 +452,8 @@ def main(args: Args):
 
         # ---- ADVANTAGES ----
         with timer("reward"):
+            for s in samples if reward_pool else ():  # join the background scoring, in rollout order
+                s["scores"] = s["scores"].result()
             raw = {k: accelerator.gather(torch.cat([s["scores"][k] for s in samples]).to(device)).cpu()
                    for k in reward_set.names}
             all_groups = torch.tensor(plan.groups)
