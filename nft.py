@@ -130,6 +130,8 @@ class Args:
     """M, distinct prompts per epoch (M*K must divide by num_processes*batch_size)"""
     batch_size: int = 2
     """micro-batch per process, for rollout and training alike"""
+    rollout_batch_size: int | None = None
+    """samples per rollout forward, a multiple of batch_size (default: batch_size); rollouts keep no activations"""
     # Training
     learning_rate: float = 3e-4
     """AdamW learning rate"""
@@ -430,25 +432,32 @@ def main(args: Args):
         samples = []
         rollout_policy = old.swapped_in if args.off_policy else contextlib.nullcontext
         adapter.transformer.eval()
-        for b, (idx, groups) in enumerate(tqdm(group_sampler.local_batches(epoch, rank), desc=f"epoch {epoch} rollout",
-                                               disable=not accelerator.is_local_main_process, leave=False)):
-            items = [train_items[i] for i in idx]
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + rank * 101 + b)
+        batches = group_sampler.local_batches(epoch, rank)
+        per = (args.rollout_batch_size or args.batch_size) // args.batch_size  # micro-batches per rollout forward
+        for c in tqdm(range(0, len(batches), per), desc=f"epoch {epoch} rollout",
+                      disable=not accelerator.is_local_main_process, leave=False):
+            chunk = batches[c:c + per]
+            items = [train_items[i] for idx, _ in chunk for i in idx]
+            gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + rank * 101 + b)
+                    for b in range(c, c + len(chunk))]  # per micro-batch: the same noise at any rollout width
             with timer("rollout"), accelerator.autocast(), rollout_policy():
                 cond = encode(items, state)
-                z = adapter.prepare_noise(len(idx), *height_width(args.resolution), gen, args.num_frames)
-                traj = sampler.rollout(predictor(cond, state, sigmas), z, sigmas, window, args.noise_level,
-                                       args.dynamics, generator=torch.Generator(device).manual_seed(gen.initial_seed() + 1),
+                z = torch.cat([adapter.prepare_noise(len(idx), *height_width(args.resolution), g, args.num_frames)
+                               for (idx, _), g in zip(chunk, gens)])
+                traj = sampler.rollout(predictor(cond, state, sigmas), z, sigmas, window, args.noise_level, args.dynamics,
+                                       generator=[torch.Generator(device).manual_seed(g.initial_seed() + 1) for g in gens],
                                        storage_dtype=storage_dtype, keep=set())  # only the final latent x0
                 images = adapter.decode(traj.final, state, cond)
-            with timer("reward"):  # --async-rewards: a future, scored while the next micro-batch rolls out
-                scores = reward_pool.submit(score, items, images) if reward_pool else score(items, images)
-            samples.append(dict(cond=cond, x0=traj.final.to(storage_dtype), scores=scores))
-            if args.offload_samples:  # back to the device one micro-batch at a time in training
-                samples[-1] = sampler.to_device(samples[-1], "cpu")
-            if b == 0 and accelerator.is_main_process and args.eval_every and (epoch + 1) % args.eval_every == 0:
-                tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), f"train_epoch{epoch:04d}",
-                                      shown(items, images.cpu()), [it.prompt for it in items], epoch)
+            for b, rows in enumerate(sampler.micro_batches(len(items), args.batch_size), start=c):  # training's batches
+                t, part = traj.rows(rows), items[rows]
+                with timer("reward"):  # --async-rewards: a future, scored while the next micro-batch rolls out
+                    scores = reward_pool.submit(score, part, images[rows]) if reward_pool else score(part, images[rows])
+                samples.append(dict(cond=adapter.select(cond, rows), x0=t.final.to(storage_dtype), scores=scores))
+                if args.offload_samples:  # back to the device one micro-batch at a time in training
+                    samples[-1] = sampler.to_device(samples[-1], "cpu")
+                if b == 0 and accelerator.is_main_process and args.eval_every and (epoch + 1) % args.eval_every == 0:
+                    tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), f"train_epoch{epoch:04d}",
+                                          shown(part, images[rows].cpu()), [it.prompt for it in part], epoch)
 
         # ---- ADVANTAGES ----
         with timer("reward"):

@@ -53,14 +53,17 @@ def height_width(resolution) -> tuple[int, int]:
 
 
 def check_sizes(args, adapter_cls):
-    """Before any model loads: training and evaluation sizes and frame counts the model can generate, and the
-    video options (every algorithm script calls this from its check_args)."""
+    """Before any model loads: training and evaluation sizes and frame counts the model can generate, the video,
+    rollout-width and expert options (every algorithm script calls this from its check_args)."""
     for res, frames, what in ((args.resolution, args.num_frames, "training"),
                               (args.eval_resolution, args.eval_num_frames, "evaluation")):
         try:
             adapter_cls.check_size(*height_width(res), frames, args.variant)
         except ValueError as e:
             raise ConfigError(f"{what} size: {e}") from None
+    wide = args.rollout_batch_size
+    if wide is not None and (wide < args.batch_size or wide % args.batch_size):
+        raise ConfigError(f"--rollout-batch-size {wide} must be a multiple of --batch-size {args.batch_size}")
     if args.reward_frame_stride < 1:
         raise ConfigError(f"--reward-frame-stride must be >= 1, got {args.reward_frame_stride}")
     if args.guidance_scale_2 is not None and len(adapter_cls.expert_steps(args.variant, 1)) < 2:

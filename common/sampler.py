@@ -71,6 +71,17 @@ class StepOut:
     log_prob: torch.Tensor | None
 
 
+def _noise(like, generator):
+    """Standard normal noise shaped like `like`; `generator`: one generator, or a list of them that draw equal
+    consecutive row blocks (micro-batches), so that a wide rollout draws each micro-batch's noise exactly as a
+    rollout of that micro-batch alone would."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+    n = like.shape[0] // len(generator)
+    return torch.cat([torch.randn((n, *like.shape[1:]), generator=g, device=like.device, dtype=torch.float32)
+                      for g in generator])
+
+
 def sde_step(z, v, sigma, sigma_next, eta, dynamics, sigma_1=None, z_next=None, generator=None,
              storage_dtype=torch.float32) -> StepOut:
     """One denoising step. With z_next given (training), score it instead of sampling."""
@@ -79,8 +90,7 @@ def sde_step(z, v, sigma, sigma_next, eta, dynamics, sigma_1=None, z_next=None, 
     if z_next is None:
         z_next = mean
         if stochastic:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-            z_next = mean + std * noise
+            z_next = mean + std * _noise(mean, generator)
         z_next = z_next.to(storage_dtype).float()  # round trip: what is stored is what is scored
     log_prob = gaussian_log_prob(z_next.detach(), mean, std, dynamics) if stochastic else None
     return StepOut(z_next.float(), mean, std, log_prob)
@@ -107,6 +117,17 @@ class Trajectory:
     log_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # step i -> (B,) fp32
     means: dict[int, torch.Tensor] = field(default_factory=dict)      # step i -> mu_old (GRPO-Guard only)
     final: torch.Tensor | None = None                       # z_N (fp32)
+
+    def rows(self, index) -> "Trajectory":
+        """The trajectory of rows `index` (a slice) of the batch."""
+        return Trajectory(self.sigmas, {k: v[index] for k, v in self.latents.items()},
+                          {k: v[index] for k, v in self.log_probs.items()}, {k: v[index] for k, v in self.means.items()},
+                          None if self.final is None else self.final[index])
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Consecutive row slices of `size` (the last may be shorter) covering n rows."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 @torch.no_grad()
