@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import rewards
-from common import checkpoint, conditioning, data, evaluation, models, sampler, tracking
+from common import checkpoint, conditioning, data, evaluation, models, sampler, sharding, tracking
 from common.advantages import compute_advantages
 from common.cli import USER_ERRORS, ConfigError, check_expert_reach, check_sizes, height_width, parse_with_presets
 from common.ema import EMA
@@ -71,6 +71,10 @@ class Args:
     """recompute activations in backward to save memory"""
     attention_backend: str | None = None
     """diffusers attention backend, e.g. flash, _native_cudnn, sage (default: native SDPA)"""
+    fsdp: bool = False
+    """shard the trained transformer(s) over the processes of `accelerate launch` with torch FSDP2 (README)"""
+    compile: bool = False
+    """torch.compile the transformer: the first steps compile (a minute on a CPU), later ones run faster"""
     # Data and reward
     dataset: str = "datasets/demo"
     """dataset folder with train.txt|jsonl (+ test.txt|jsonl, images/, videos/)"""
@@ -267,7 +271,7 @@ def check_args(args, world_size):
     if len(paths) != len(args.reward_paths):
         raise ConfigError("--reward-paths entries must be NAME=PATH")
     adapter_cls = models.adapter_class(args.model, args.variant)
-    check_sizes(args, adapter_cls)
+    check_sizes(args, adapter_cls, world_size)
     check_expert_reach(args, adapter_cls, steps=range(lo, min(hi, args.num_steps)))  # Wan2.2-A14B experts
     train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir)
     test_split = "test" if data.split_exists(args.dataset, "test") else "train"
@@ -313,6 +317,8 @@ def main(args: Args):
         transformer.set_attention_backend(args.attention_backend)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.compile:  # compiled in place: parameter names, LoRA export and checkpoints are unchanged
+        transformer.compile()
     if args.finetune == "lora":
         n_lora = adapter.add_lora(args.lora_rank, args.lora_alpha, args.lora_targets or None)
         for p in transformer.parameters():
@@ -324,6 +330,8 @@ def main(args: Args):
     ref_model = None
     if args.kl_beta > 0 and args.finetune == "full":
         ref_model = copy.deepcopy(transformer).requires_grad_(False).to(args.ref_device or device)
+    if args.fsdp:  # torch's fully_shard on the blocks and roots, over accelerate's process group (after LoRA)
+        sharding.shard_module(transformer, args.mixed_precision)
     params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     reward_set = rewards.load_rewards(list(args.reward), reward_paths, device=device,
                                       frame_stride=args.reward_frame_stride)
@@ -331,10 +339,13 @@ def main(args: Args):
     # SHARED: optimizer, EMA, resume
     optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.weight_decay)
     ema = EMA(params.values(), interval=args.ema_interval, schedule="power", decay=args.ema_decay)
-    adapter.transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    if args.fsdp:  # a sharded module stays out of accelerator.prepare, which would wrap it in DDP
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        adapter.transformer, optimizer = accelerator.prepare(transformer, optimizer)
     start_epoch, global_step = 0, 0
     if resume:
-        state = checkpoint.load(resume, params, optimizer, ema)
+        state = (checkpoint.load_sharded if args.fsdp else checkpoint.load)(resume, params, optimizer, ema)
         start_epoch, global_step = state["epoch"] + 1, state["step"]
         accelerator.print(f"resumed from {resume} at epoch {start_epoch}")
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -415,8 +426,8 @@ def main(args: Args):
                       disable=not accelerator.is_local_main_process, leave=False):
             chunk = batches[c:c + per]
             items = [train_items[i] for idx, _ in chunk for i in idx]
-            gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + rank * 101 + b)
-                    for b in range(c, c + len(chunk))]  # per micro-batch: the same noise at any rollout width
+            gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + rank * n_batches + b)
+                    for b in range(c, c + len(chunk))]  # per global micro-batch: the same noise at any width
             with timer("rollout"), accelerator.autocast():
                 cond = encode(items, state)
                 z = torch.cat([adapter.prepare_noise(len(idx), *height_width(args.resolution), g, args.num_frames)
@@ -471,7 +482,7 @@ def main(args: Args):
                     s = sampler.to_device(samples[b], device)  # a no-op unless --offload-samples
                     for j in window:
                         sync = (micro + 1) % grad_accum == 0
-                        with (contextlib.nullcontext() if sync else accelerator.no_sync(adapter.transformer)):
+                        with (contextlib.nullcontext() if sync else sharding.no_sync(adapter.transformer)):
                             with accelerator.autocast():
                                 z, z_next = s["latents"][j].float(), s["latents"][j + 1].float()
                                 v = adapter.predict(z, sigmas[j], s["cond"], state, args.guidance_scale,
@@ -501,7 +512,8 @@ def main(args: Args):
                                 loss = loss + args.kl_beta * kl
                             accelerator.backward(loss / grad_accum)
                         if sync:
-                            grad_norm = accelerator.clip_grad_norm_(params.values(), args.max_grad_norm)
+                            grad_norm = (sharding.clip_grad_norm_ if args.fsdp else accelerator.clip_grad_norm_)(
+                                params.values(), args.max_grad_norm)
                             optimizer.step()
                             optimizer.zero_grad(set_to_none=True)
                             global_step += 1
@@ -548,19 +560,17 @@ def main(args: Args):
         # SHARED: checkpoint
         if (epoch + 1) % args.save_every == 0 or last:
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                checkpoint.save(os.path.join(args.output_dir, "checkpoints"), global_step, params, optimizer, ema,
+            if args.fsdp or accelerator.is_main_process:  # sharded: every rank gathers, rank 0 writes
+                (checkpoint.save_sharded if args.fsdp else checkpoint.save)(os.path.join(args.output_dir, "checkpoints"), global_step, params, optimizer, ema,
                                 meta={"epoch": epoch}, total_limit=args.checkpoints_total_limit,
                                 extra={name: s.state_dict() for name, s in algo_state.items()})
 
     # SHARED: save
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and start_epoch < args.num_epochs:  # --num-epochs 0: evaluate only
-        with ema.swapped_in():
-            if args.finetune == "lora":
-                adapter.save_lora(os.path.join(args.output_dir, "lora"))
-            else:
-                adapter.save_full(args.output_dir)  # <output_dir>/transformer (and transformer_2)
+    if start_epoch < args.num_epochs:  # --num-epochs 0: evaluate only
+        with ema.swapped_in():  # lora/ or transformer/ (and transformer_2/); sharded: gathered by every rank
+            sharding.export(adapter, args.finetune, args.output_dir)
+    if accelerator.is_main_process and start_epoch < args.num_epochs:
         if base_eval is not None and args.eval_every:  # before/after table and grid
             accelerator.print(tracking.before_after_table(base_eval, final_eval))
             tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), "before_after",

@@ -2,6 +2,10 @@
 
 Tensors go to safetensors and everything else to JSON, so resuming never unpickles anything. A checkpoint
 is written into a temporary folder and renamed when complete, so a crash never leaves a corrupt latest.
+
+save / load: unsharded runs, called on the main process. save_sharded / load_sharded: the same files, called by
+every rank of a run sharded with common/sharding.py (full tensors gathered for rank 0 to write; each rank reads
+its own shards back); checkpoints of sharded and unsharded runs are interchangeable.
 """
 import json
 import os
@@ -40,16 +44,21 @@ def save(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: dict | N
          extra: dict | None = None):
     """Write checkpoints/checkpoint-{step} atomically, then drop the oldest beyond total_limit.
     extra: {name: state dict} of an algorithm's own state (NFT's old policy, AWM's anchor) -> <name>.safetensors."""
+    return _write(ckpt_root, step, params, optimizer.state_dict(), ema.state_dict() if ema is not None else None,
+                  meta, total_limit, extra)
+
+
+def _write(ckpt_root, step, params, opt_state, ema_state, meta, total_limit, extra):
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"checkpoint-{step}")
     tmp = os.path.join(ckpt_root, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, os.path.join(tmp, "trainable.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict())
+    opt_tensors, opt_meta = _optimizer_to_flat(opt_state)
     save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-    if ema is not None:
-        save_file({k: v.cpu().contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+    if ema_state is not None:
+        save_file({k: v.cpu().contiguous() for k, v in ema_state.items()}, os.path.join(tmp, "ema.safetensors"))
     for name, state in (extra or {}).items():
         save_file({k: v.cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, f"{name}.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -59,6 +68,27 @@ def save(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: dict | N
     if total_limit:
         for old in list_checkpoints(ckpt_root)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_sharded(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: dict | None = None, total_limit=None,
+                 extra: dict | None = None):
+    """save() for sharded (FSDP2, common/sharding.py) runs; COLLECTIVE: every rank calls it with the same arguments
+    (params: this rank's DTensor parameters by name). Parameters, optimizer state, EMA and `extra` are gathered to
+    full tensors one at a time, rank 0 writes exactly the files save() writes (the layout of an unsharded run), and
+    all ranks meet at a barrier before returning the checkpoint path. Plain tensors pass through unchanged, so it is
+    also correct for unsharded runs on any number of processes (rank 0 writes)."""
+    from common import sharding
+    full_params = sharding.gather_full(params)
+    full_opt = sharding.full_optimizer_state_dict(optimizer)
+    full_ema = sharding.gather_full(ema.state_dict()) if ema is not None else None
+    full_extra = {name: sharding.gather_full(state) for name, state in (extra or {}).items()}
+    final = os.path.join(ckpt_root, f"checkpoint-{step}")
+    try:
+        if sharding.rank() == 0:
+            final = _write(ckpt_root, step, full_params, full_opt, full_ema, meta, total_limit, full_extra)
+    finally:
+        sharding.barrier()  # nobody reads (or resumes from) a checkpoint before it is complete
     return final
 
 
@@ -100,6 +130,47 @@ def load(path, params: dict, optimizer, ema=None) -> dict:
     if ema is not None:
         ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
     return state
+
+
+def load_sharded(path, params: dict, optimizer, ema=None) -> dict:
+    """load() for sharded runs (every rank calls it; also correct unsharded): each rank reads the full tensors from
+    the safetensors files one at a time and keeps its own shard of each (no communication, one full tensor in memory
+    at a time). Reads checkpoints of sharded and unsharded runs alike; returns the JSON state."""
+    from safetensors import safe_open
+
+    from common import sharding
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    with safe_open(os.path.join(path, "trainable.safetensors"), "pt") as f:
+        missing = set(params) ^ set(f.keys())
+        if missing:
+            raise CheckpointError(f"{path}: trainable parameters do not match this run ({len(missing)} differ, "
+                                  f"e.g. {sorted(missing)[0]}); same --model / LoRA settings needed")
+        for k, p in params.items():
+            sharding.copy_full_(p, f.get_tensor(k))
+    opt_params = sharding.optimizer_params(optimizer)
+    with safe_open(os.path.join(path, "optimizer.safetensors"), "pt") as f:  # each moment into its shard on read
+        tensors = {}
+        for key in f.keys():
+            tensors[key] = sharding.shard_like(f.get_tensor(key), opt_params[int(key.split(".", 1)[0])])
+    optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
+    if ema is not None:
+        with safe_open(os.path.join(path, "ema.safetensors"), "pt") as f:
+            sharding.load_full_into(ema.state_dict(), _Lazy(f))
+    return state
+
+
+class _Lazy:
+    """A safetensors file as a read-on-demand mapping (one tensor in memory at a time)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __getitem__(self, k):
+        return self.f.get_tensor(k)
+
+    def keys(self):
+        return self.f.keys()
 
 
 def load_extra(path, name: str, script: str) -> dict:

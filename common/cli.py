@@ -52,7 +52,7 @@ def height_width(resolution) -> tuple[int, int]:
     return (resolution[0], resolution[-1])
 
 
-def check_sizes(args, adapter_cls):
+def check_sizes(args, adapter_cls, world_size=1):
     """Before any model loads: training and evaluation sizes and frame counts the model can generate, the video,
     rollout-width and expert options (every algorithm script calls this from its check_args)."""
     for res, frames, what in ((args.resolution, args.num_frames, "training"),
@@ -61,6 +61,8 @@ def check_sizes(args, adapter_cls):
             adapter_cls.check_size(*height_width(res), frames, args.variant)
         except ValueError as e:
             raise ConfigError(f"{what} size: {e}") from None
+    if args.fsdp and world_size < 2:
+        raise ConfigError("--fsdp shards over processes: launch with accelerate launch --num_processes N (N >= 2)")
     wide = args.rollout_batch_size
     if wide is not None and (wide < args.batch_size or wide % args.batch_size):
         raise ConfigError(f"--rollout-batch-size {wide} must be a multiple of --batch-size {args.batch_size}")

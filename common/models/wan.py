@@ -38,12 +38,51 @@ from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVide
                        WanTransformer3DModel)
 from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
 from torch import nn
+from transformers import CLIPVisionModelWithProjection, UMT5EncoderModel
 
 from common.models import tiny_parts
 from common.models.base import Adapter, ModelError
 
 EXPERTS = ("transformer", "transformer_2")  # high-noise, low-noise (Wan2.2-A14B)
 TRAIN_EXPERTS = {"high": ("transformer",), "low": ("transformer_2",), "both": EXPERTS}
+
+# ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
+# MODELS.md 3.9/3.10 (diffusers' conversion script): head_dim 128, patch (1, 2, 2), UMT5 text (4096), 3-D rope
+_WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_WAN_1_3B = dict(_WAN, num_attention_heads=12, num_layers=30, ffn_dim=8960, in_channels=16, out_channels=16)
+_WAN_14B = dict(_WAN, num_attention_heads=40, num_layers=40, ffn_dim=13824, in_channels=16, out_channels=16)
+_WAN_5B = dict(_WAN, num_attention_heads=24, num_layers=30, ffn_dim=14336, in_channels=48, out_channels=48)
+# image-to-video: 16 noisy + 20 condition channels in; Wan2.1 also cross-attends to CLIP image tokens (1280 wide)
+_WAN_14B_I2V = dict(_WAN_14B, in_channels=36)
+_WAN_21_I2V = dict(_WAN_14B_I2V, image_dim=1280, added_kv_proj_dim=5120)
+# google/umt5-xxl's encoder (UMT5Config of that checkpoint [recalled]; the count matches the published ~5.7B)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                dense_act_fn="gelu_new", layer_norm_epsilon=1e-6, tie_word_embeddings=False)
+# the 2.1 VAE = AutoencoderKLWan's defaults; the 2.2 VAE of TI2V-5B (conversion script: base_dim 160, decoder 256,
+# residual, a 2x2 pixel patchify: 12 in/out channels, x16 spatial). Its 48 latents_mean/std are not known here: zeros
+# and ones stand in (they are config values, not parameters, and change no size)
+_WAN_VAE_21 = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                   temperal_downsample=[False, True, True])
+_WAN_VAE_22 = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                   temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                   patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
+                   latents_std=[1.0] * 48)
+# laion/CLIP-ViT-H-14's vision tower (Wan2.1 I2V's image encoder): 32 x 1280, patch 14 at 224 px, projection 1024
+CLIP_VIT_H_14 = dict(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
+                     num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def _wan_full(transformer, vae=_WAN_VAE_21, experts=1, image_encoder=False):
+    """The full-size components of one Wan checkpoint: 1 or 2 experts of `transformer`, UMT5-XXL, the VAE."""
+    out = {"transformer": (WanTransformer3DModel, transformer)}
+    if experts == 2:
+        out["transformer_2"] = (WanTransformer3DModel, transformer)
+    out.update({"text_encoder": (UMT5EncoderModel, UMT5_XXL), "vae": (AutoencoderKLWan, vae)})
+    if image_encoder:
+        out["image_encoder"] = (CLIPVisionModelWithProjection, CLIP_VIT_H_14)
+    return out
 
 
 def _scheduler_config(flow_shift):
@@ -105,7 +144,8 @@ class ExpertPair(nn.Module):
         n = idx.shape[0]
         used = sorted(set(idx.tolist()))
         experts = self.experts
-        if len(used) == 1:  # the usual rollout step: one expert, no split
+        idle = self._idle_sharded_experts(used)
+        if len(used) == 1 and not idle:  # the usual rollout step: one expert, no split
             return experts[EXPERTS[used[0]]](**kwargs)[0]
         outs, rows = [], []
         for e in used:
@@ -113,7 +153,22 @@ class ExpertPair(nn.Module):
             sub = {k: v[r] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v for k, v in kwargs.items()}
             outs.append(experts[EXPERTS[e]](**sub)[0])
             rows.append(r)
-        return torch.cat(outs)[torch.cat(rows).argsort()]
+        out = torch.cat(outs)[torch.cat(rows).argsort()]
+        for e in idle:  # FSDP2: run a sharded expert that another rank's rows need, on row 0, adding 0 x its output
+            row0 = {k: v[:1] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v for k, v in kwargs.items()}
+            out = out + 0 * experts[EXPERTS[e]](**row0)[0].sum()
+        return out
+
+    def _idle_sharded_experts(self, used):
+        """Sharded experts that some rank's rows route to but no row here: every rank must run the same forwards
+        of a sharded module (its all-gathers are collectives), and per-sample sigmas (NFT/AWM) differ across ranks."""
+        from common import sharding
+        trained = [i for i, name in enumerate(EXPERTS) if name in self._modules]
+        if not any(sharding.is_sharded(self._modules[EXPERTS[i]]) for i in trained):
+            return []
+        here = torch.tensor([i in used for i in range(len(EXPERTS))], device=self.device)
+        needed = sharding.any_rank(here).tolist()
+        return [i for i in trained if needed[i] and i not in used]
 
     def set_attention_backend(self, name):
         for m in self.experts.values():
@@ -122,6 +177,11 @@ class ExpertPair(nn.Module):
     def reset_attention_backend(self):
         for m in self.experts.values():
             m.reset_attention_backend()
+
+    def compile(self, *args, **kwargs):
+        # each expert's own forward: the routing between them is data-dependent Python
+        for m in self.experts.values():
+            m.compile(*args, **kwargs)
 
     def enable_gradient_checkpointing(self):
         for m in self.experts.values():
@@ -426,6 +486,8 @@ class WanT2VAdapter(_WanAdapter):
              "2.2-ti2v-5b": ("5b", 5.0, None, 32), "2.2-a14b": ("a14b", 3.0, 0.875, 16)}
     condition_images = "none"
     preset = T2V_PRESET
+    full_configs = {"2.1-1.3b": _wan_full(_WAN_1_3B), "2.1-14b": _wan_full(_WAN_14B),
+                    "2.2-ti2v-5b": _wan_full(_WAN_5B, _WAN_VAE_22), "2.2-a14b": _wan_full(_WAN_14B, experts=2)}
 
     @classmethod
     def build_tiny(cls, variant=None):
@@ -457,6 +519,10 @@ class WanI2VAdapter(_WanAdapter):
     condition_images = "one"
     # as T2V (VIDEO.md: the 2.1-I2V-14B-480P recipe trains at 240 px, 5 frames) with the reference recipe's CFG 5.0
     preset = dict(T2V_PRESET, guidance_scale=5.0)
+    # 480P and 720P share the architecture; TI2V-5B is the same checkpoint as in text-to-video
+    full_configs = {"2.1-14b-480p": _wan_full(_WAN_21_I2V, image_encoder=True),
+                    "2.1-14b-720p": _wan_full(_WAN_21_I2V, image_encoder=True),
+                    "2.2-a14b": _wan_full(_WAN_14B_I2V, experts=2), "2.2-ti2v-5b": _wan_full(_WAN_5B, _WAN_VAE_22)}
 
     @classmethod
     def _frames_min(cls, variant):
