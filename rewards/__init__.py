@@ -5,10 +5,13 @@ or a dotted path package.module.Attr to a custom reward, where Attr is one of:
   - a class or factory taking no arguments that returns an object with the Reward contract (rewards.base);
   - a plain function fn(images, prompts, metadata) -> (B,) scores, wrapped as a pointwise Reward.
 An Attr whose signature requires positional arguments is taken as a scoring function, otherwise it is called.
+A spec NAME=URL[:WEIGHT] is a remote reward scored by a server (rewards.remote, rewards.server); NAME names it.
 """
+import contextlib
 import importlib
 import inspect
 import math
+import threading
 
 import torch
 
@@ -28,6 +31,10 @@ REGISTRY = {
 
 def parse_spec(spec: str) -> tuple[str, float]:
     """'NAME' or 'NAME:WEIGHT' -> (name, weight). Registry names come back lower-cased."""
+    if _is_remote(spec):
+        from rewards.remote import parse_remote
+        remote = parse_remote(spec)
+        return remote.name, remote.weight
     name, weight = spec.strip(), 1.0
     if ":" in name:
         head, tail = name.rsplit(":", 1)
@@ -58,8 +65,13 @@ def _resolve(target: str, name: str):
     return obj
 
 
+def _is_remote(spec: str) -> bool:
+    return "=" in spec  # NAME=URL; no registry name or dotted path holds an '='
+
+
 def check_specs(specs: list[str]) -> None:
-    """Validate reward specs without loading any weights; raises RewardError on the first problem."""
+    """Validate reward specs without loading any weights; raises RewardError on the first problem. A remote
+    reward's server is health-checked here, so that a run stops before any model loads."""
     if not specs:
         raise RewardError("no reward given; pass at least one reward spec like pickscore or jpeg_compressibility:0.5")
     seen = set()
@@ -68,6 +80,10 @@ def check_specs(specs: list[str]) -> None:
         if name in seen:
             raise RewardError(f"reward {name!r} is given twice")
         seen.add(name)
+        if _is_remote(spec):
+            from rewards.remote import RemoteReward
+            RemoteReward(spec).close()
+            continue
         if name in REGISTRY:
             continue
         if "." not in name.strip("."):
@@ -105,6 +121,10 @@ class RewardSet:
     def __init__(self, rewards: dict[str, Reward], weights: dict[str, float], frame_strides: dict[str, int] | None = None):
         self.names, self.rewards, self.weights = list(rewards), rewards, weights
         self.frame_strides = {name: (frame_strides or {}).get(name, 1) for name in self.names}
+        # score() may run in a worker thread while another thread scores too (async rewards, evaluation): calls
+        # into one reward are serialised, as models and processors are not known to be thread-safe
+        self._locks = {name: contextlib.nullcontext() if getattr(r, "thread_safe", False) else threading.Lock()
+                       for name, r in rewards.items()}
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
         """Raw scores of every reward: {name: (B,) float32 CPU}. Raises RewardError on bad shape or NaN/inf."""
@@ -114,7 +134,7 @@ class RewardSet:
         out = {}
         for name in self.names:
             x = images[:, ::self.frame_strides[name]] if images.dim() == 5 else images
-            with torch.no_grad():
+            with self._locks[name], torch.no_grad():
                 s = torch.as_tensor(self.rewards[name](x, prompts, metadata)).detach().float().cpu()
             if s.shape != (B,):
                 raise RewardError(f"reward {name!r} returned shape {tuple(s.shape)}, expected ({B},)")
@@ -137,7 +157,7 @@ class RewardSet:
 def load_rewards(specs: list[str], paths: dict[str, str] | None = None, device="cpu",
                  dtype=torch.float32, frame_stride: int = 1) -> RewardSet:
     """Build the rewards of `specs`. paths maps a registry name to a local folder overriding its hub id; the
-    registry rewards score every `frame_stride`-th frame of a video (custom rewards receive every frame)."""
+    registry rewards score every `frame_stride`-th frame of a video (custom and remote rewards receive every frame)."""
     check_specs(specs)
     paths = {k.lower() if k.lower() in REGISTRY else k: v for k, v in (paths or {}).items()}
     parsed = [parse_spec(s) for s in specs]
@@ -145,10 +165,16 @@ def load_rewards(specs: list[str], paths: dict[str, str] | None = None, device="
         if key not in REGISTRY and key not in dict(parsed):
             raise RewardError(f"path override for unknown reward {key!r}; known: {', '.join(sorted(REGISTRY))}")
     rewards, weights = {}, {}
-    for name, weight in parsed:
-        if name in REGISTRY:
+    remote = set()
+    for spec, (name, weight) in zip(specs, parsed):
+        if _is_remote(spec):
+            from rewards.remote import RemoteReward
+            rewards[name] = RemoteReward(spec)  # health-checked again: the server may have gone since check_specs
+            remote.add(name)
+        elif name in REGISTRY:
             rewards[name] = _resolve(REGISTRY[name], name)(path=paths.get(name), device=device, dtype=dtype)
         else:
             rewards[name] = _build_custom(name)
         weights[name] = weight
-    return RewardSet(rewards, weights, {name: frame_stride for name in rewards if name in REGISTRY})
+    strides = {name: frame_stride for name in rewards if name in REGISTRY and name not in remote}
+    return RewardSet(rewards, weights, strides)

@@ -16,6 +16,7 @@ class Reward:
 
     name: str = "reward"
     groupwise: bool = False  # True when group_transform is not the identity
+    thread_safe: bool = False  # True when __call__ may run in several threads at once (else RewardSet serialises)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         raise NotImplementedError
@@ -30,6 +31,8 @@ class FunctionReward(Reward):
 
     def __init__(self, fn, name: str):
         self.fn, self.name = fn, name
+        # what a wrapped reward object declares survives the wrapping (RewardSet, rewards.server read them)
+        self.batch_size, self.thread_safe = getattr(fn, "batch_size", None), getattr(fn, "thread_safe", False)
 
     def __call__(self, images, prompts, metadata):
         return self.fn(images, prompts, metadata)
