@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import rewards
-from common import checkpoint, conditioning, data, evaluation, models, sampler, sharding, tracking
+from common import checkpoint, conditioning, data, evaluation, models, plan, sampler, sharding, tracking
 from common.advantages import compute_advantages
 from common.cli import USER_ERRORS, ConfigError, check_expert_reach, check_sizes, height_width, parse_with_presets
 from common.ema import EMA
@@ -73,6 +73,8 @@ class Args:
     """diffusers attention backend, e.g. flash, _native_cudnn, sage (default: native SDPA)"""
     fsdp: bool = False
     """shard the trained transformer(s) over the processes of `accelerate launch` with torch FSDP2 (README)"""
+    plan: bool = False
+    """print the run's memory plan per process (1 GPU and FSDP over 8; no weights load) and exit"""
     compile: bool = False
     """torch.compile the transformer: the first steps compile (a minute on a CPU), later ones run faster"""
     # Data and reward
@@ -585,6 +587,9 @@ def main(args: Args):
 if __name__ == "__main__":
     cli_args = parse_with_presets(Args, PRESETS, TINY_PRESETS)
     try:
-        main(cli_args)
+        if cli_args.plan:  # the memory plan, built on the meta device: no weight loads
+            print(plan.run_plan(cli_args))
+        else:
+            main(cli_args)
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")

@@ -6,7 +6,8 @@ optional true CFG with a negative prompt (`true_cfg_scale` > 1), batched with th
 schedule = linspace(1, 1/N, N) exponentially shifted with mu from the token count (calculate_shift).
 """
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, T5EncoderModel
 
 from common.models import tiny_parts
 from common.models.base import Adapter
@@ -15,6 +16,23 @@ from common.models.base import Adapter
 # FLUX.1-dev's scheduler_config.json: exponential dynamic shift with mu from the token count
 SCHEDULER_CONFIG = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                         max_image_seq_len=4096)
+
+# ---- full-size architectures (common/plan.py builds them on the meta device; issue 13) ----------------------------
+# Each component is (class, kwargs): diffusers classes take the kwargs, transformers classes their config class's.
+# Text encoders shared with SD3.5: CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14; the token ids are its
+# config's legacy 0/2/1, [recalled]) and T5 v1.1 XXL's encoder (google/t5-v1_1-xxl).
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0,
+              eos_token_id=2, pad_token_id=1)
+T5_XXL = (T5EncoderModel, dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                               relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                               feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,
+                               tie_word_embeddings=False))
+# the FLUX.1 VAE (also Z-Image's; SD3.5's with its own scaling/shift): 4 levels (x8), 16 channels, no quant convs
+FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, sample_size=1024, use_quant_conv=False,
+                use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
 
 
 class Flux1Adapter(Adapter):
@@ -25,6 +43,15 @@ class Flux1Adapter(Adapter):
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
         "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
         "ff_context.net.2"]
+    # MODELS.md 3.1 [recalled there; = diffusers' FluxTransformer2DModel defaults except guidance_embeds]
+    full_configs = {None: {
+        "transformer": (FluxTransformer2DModel, dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                                     attention_head_dim=128, num_attention_heads=24,
+                                                     joint_attention_dim=4096, pooled_projection_dim=768,
+                                                     guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+        "text_encoder": (CLIPTextModel, CLIP_L),
+        "text_encoder_2": T5_XXL,
+        "vae": (AutoencoderKL, FLUX_VAE)}}
 
     @classmethod
     def build_tiny(cls):

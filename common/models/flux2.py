@@ -23,11 +23,43 @@ from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3
 
 from common.models import tiny_parts
 from common.models.base import Adapter, ModelError
+from common.models.z_image import QWEN3_4B
 
 # FLUX.2's scheduler_config.json (FLUX.1-dev's values); mu is passed explicitly, so base/max shift are unused
 SCHEDULER_CONFIG = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                         max_image_seq_len=4096)
 TINY_TEXT_HIDDEN = 16  # the transformer's joint_attention_dim is 3 x this (three stacked hidden states)
+
+# ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
+# MODELS.md 3.7/3.8 [hub-copy]: one transformer class; widths and depths per model, joint_attention_dim = 3 x the text
+# encoder's hidden size (three stacked hidden states); the VAE = AutoencoderKLFlux2's defaults [assumed FLUX.2's]
+_FLUX2_TRANSFORMER = dict(patch_size=1, in_channels=128, attention_head_dim=128, timestep_guidance_channels=256,
+                          mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000)
+_FLUX2_VAE = (AutoencoderKLFlux2, dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32,
+                                       patch_size=(2, 2)))
+# Mistral-Small-3.1/3.2-24B, one architecture (transformers' Mistral3Config defaults are exactly this model: 40 x 5120
+# text, Pixtral vision)
+MISTRAL_SMALL_24B = dict(
+    text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
+                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=131072, rms_norm_eps=1e-5, sliding_window=None,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e9}),
+    vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, head_dim=64, image_size=1540, patch_size=14),
+    image_token_index=10, spatial_merge_size=2, projector_hidden_act="gelu", multimodal_projector_bias=False,
+    tie_word_embeddings=False)  # the top-level flag decides the tie in transformers 5 (else lm_head = embeddings)
+# Qwen3-8B (Qwen/Qwen3-8B config.json [recalled]): 36 x 4096, GQA 32/8, untied lm_head
+QWEN3_8B = dict(QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
+# FLUX.2-klein 4B: 5 double + 20 single blocks x 3072 over Qwen3-4B; 9B: 8 + 24 x 4096 over Qwen3-8B; the base
+# (undistilled) models share the architecture
+_KLEIN_4B = {"transformer": (Flux2Transformer2DModel, dict(_FLUX2_TRANSFORMER, num_layers=5, num_single_layers=20,
+                                                           num_attention_heads=24, joint_attention_dim=3 * 2560,
+                                                           guidance_embeds=False)),
+             "text_encoder": (Qwen3ForCausalLM, QWEN3_4B), "vae": _FLUX2_VAE}
+_KLEIN_9B = {"transformer": (Flux2Transformer2DModel, dict(_FLUX2_TRANSFORMER, num_layers=8, num_single_layers=24,
+                                                           num_attention_heads=32, joint_attention_dim=3 * 4096,
+                                                           guidance_embeds=False)),
+             "text_encoder": (Qwen3ForCausalLM, QWEN3_8B), "vae": _FLUX2_VAE}
 
 
 def _tiny_vae():
@@ -69,6 +101,12 @@ class Flux2Adapter(Adapter):
         r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
         r"|ff(_context)?\.(linear_in|linear_out))"
         r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)")
+    full_configs = {None: {
+        "transformer": (Flux2Transformer2DModel, dict(_FLUX2_TRANSFORMER, num_layers=8, num_single_layers=48,
+                                                      num_attention_heads=48, joint_attention_dim=15360,
+                                                      guidance_embeds=True)),
+        "text_encoder": (Mistral3ForConditionalGeneration, MISTRAL_SMALL_24B),
+        "vae": _FLUX2_VAE}}
 
     @classmethod
     def build_tiny(cls, variant=None):
@@ -203,6 +241,7 @@ class Flux2KleinAdapter(Flux2Adapter):
                 "base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
                 "base-9b": "black-forest-labs/FLUX.2-klein-base-9B"}
     hub_id = variants["4b"]
+    full_configs = {"4b": _KLEIN_4B, "9b": _KLEIN_9B, "base-4b": _KLEIN_4B, "base-9b": _KLEIN_9B}
 
     @classmethod
     def build_tiny(cls, variant=None):

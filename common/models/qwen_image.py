@@ -39,6 +39,32 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shiftin
                         max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                         time_shift_type="exponential")
 
+# ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
+# Qwen2.5-VL-7B-Instruct (its config.json [recalled]; the count, 8.29B, matches the published one): a 28 x 3584 text
+# model (GQA 28/4 heads, untied lm_head) and a 32-block, 1280-wide vision tower merged into 3584
+QWEN25_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                     bos_token_id=151643, eos_token_id=151645),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], in_channels=3),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False)
+
+
+def _full_config(zero_cond_t=False):
+    # MODELS.md 3.5 [hub-copy] = diffusers' QwenImageTransformer2DModel defaults; the VAE = AutoencoderKLQwenImage's
+    # defaults (the Wan-2.1-style VAE used on single frames)
+    return {"transformer": (QwenImageTransformer2DModel, dict(
+                patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+                zero_cond_t=zero_cond_t)),
+            "text_encoder": (Qwen2_5_VLForConditionalGeneration, QWEN25_VL_7B),
+            "vae": (AutoencoderKLQwenImage, dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                                 attn_scales=[], temperal_downsample=[False, True, True]))}
+
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     """Qwen2VLProcessor without its video processor, for the tiny build: transformers type-checks every
@@ -112,6 +138,7 @@ class QwenImageAdapter(Adapter):
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
         "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
         "txt_mlp.net.2"]
+    full_configs = {"2512": _full_config(), "original": _full_config()}
 
     @classmethod
     def build_tiny(cls, variant=None):
@@ -200,6 +227,8 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
     condition_images = "many"
     default_condition_max_pixels = 1024 * 1024  # the pipeline's VAE_IMAGE_SIZE
     vl_image_pixels = 384 * 384  # the pipeline's CONDITION_IMAGE_SIZE: area of the VL encoder's copies
+    # 2511 = 2509 + zero_cond_t (MODELS.md 3.6 [hub-copy])
+    full_configs = {"2511": _full_config(zero_cond_t=True), "2509": _full_config()}
 
     @classmethod
     def build_tiny(cls, variant=None):

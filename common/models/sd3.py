@@ -11,12 +11,27 @@ CFG needs negative embeddings in `cond`: where the pipeline falls back to the ne
 our presets pass negative_prompt "" explicitly; without negatives `predict` runs one unguided pass.
 """
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextModelWithProjection
 
 from common.models import tiny_parts
 from common.models.base import Adapter, ModelError
+from common.models.flux1 import CLIP_L, FLUX_VAE, T5_XXL
+
+# ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
+# MODELS.md 3.3 [hub-copy]: the MMDiT widths per variant; medium's MMDiT-X dual attention in blocks 0-12
+_SD35_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+                         joint_attention_dim=4096, pooled_projection_dim=2048, qk_norm="rms_norm")
+_SD35_COMMON = {
+    "text_encoder": (CLIPTextModelWithProjection, CLIP_L),
+    # OpenCLIP ViT-bigG/14's text tower (laion/CLIP-ViT-bigG-14-laion2B-39B-b160k): 32 x 1280, gelu [recalled]
+    "text_encoder_2": (CLIPTextModelWithProjection, dict(CLIP_L, hidden_size=1280, intermediate_size=5120,
+                                                         projection_dim=1280, num_hidden_layers=32,
+                                                         num_attention_heads=20, hidden_act="gelu")),
+    "text_encoder_3": T5_XXL,
+    "vae": (AutoencoderKL, dict(FLUX_VAE, scaling_factor=1.5305, shift_factor=0.0609)),
+}
 
 
 class SD3Adapter(Adapter):
@@ -30,6 +45,13 @@ class SD3Adapter(Adapter):
     # joint attention of every block; the FFNs and medium's second attention (attn2) stay frozen
     default_target_modules = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
                               "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+    full_configs = {
+        "medium": {"transformer": (SD3Transformer2DModel, dict(
+            _SD35_TRANSFORMER, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+            pos_embed_max_size=384, dual_attention_layers=tuple(range(13)))), **_SD35_COMMON},
+        "large": {"transformer": (SD3Transformer2DModel, dict(
+            _SD35_TRANSFORMER, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+            pos_embed_max_size=192, dual_attention_layers=())), **_SD35_COMMON}}
 
     @classmethod
     def build_tiny(cls, variant="medium"):

@@ -13,16 +13,34 @@ here CFG needs negative_prompts (pass [""] * B for the pipeline's default). Turb
 50 steps, guidance 5.0; model card 28-50 steps, guidance 3-5 [recalled].
 """
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen3Config, Qwen3Model
 
 from common.models import tiny_parts
 from common.models.base import Adapter
+from common.models.flux1 import FLUX_VAE
 
 # Z-Image-Turbo's scheduler_config.json (the tiny base variant reuses it)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+# ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
+# Qwen3-4B (Qwen/Qwen3-4B config.json [recalled]; also FLUX.2-klein-4B's text encoder): 36 layers x 2560, GQA 32/8 heads
+# of 128, tied embeddings
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
+# MODELS.md 3.4: diffusers' ZImageTransformer2DModel defaults are Turbo's; the base model shares the architecture
+_Z_IMAGE = {
+    "transformer": (ZImageTransformer2DModel, dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+        n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])),
+    "text_encoder": (Qwen3Model, QWEN3_4B),
+    "vae": (AutoencoderKL, FLUX_VAE),
+}
 
 
 class ZImageAdapter(Adapter):
@@ -37,6 +55,7 @@ class ZImageAdapter(Adapter):
     unguided = (0.0, 1.0)  # CFG is on for any guidance_scale > 0
     cfg_normalization = 0.0  # k > 0 clips ||pred|| to k ||pos|| per sample (the pipeline's True is 1.0)
     cfg_truncation = 1.0     # no guidance where 1 - sigma > this; 1.0 never truncates
+    full_configs = {"turbo": _Z_IMAGE, "base": _Z_IMAGE}
 
     @classmethod
     def build_tiny(cls, variant=None):
