@@ -162,6 +162,8 @@ class Args:
     """EMA decay of the trained weights used for evaluation and saving"""
     ema_interval: int = 4
     """update the EMA every this many epochs"""
+    ema_on_cpu: bool = False
+    """keep the evaluation EMA's fp32 copy of the trained weights on the CPU (frees accelerator memory)"""
     # AWM
     num_train_timesteps: int = 4
     """T, training timesteps per sample (0: max(1, int(num_steps * (hi - lo))))"""
@@ -351,7 +353,8 @@ def main(args: Args):
 
     # SHARED: optimizer, EMA, resume
     optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    ema = EMA(params.values(), interval=args.ema_interval, schedule="power", decay=args.ema_decay)
+    ema = EMA(params.values(), interval=args.ema_interval, schedule="power", decay=args.ema_decay,
+              device="cpu" if args.ema_on_cpu else None)
     if args.fsdp:  # a sharded module stays out of accelerator.prepare, which would wrap it in DDP
         optimizer = accelerator.prepare(optimizer)
     else:

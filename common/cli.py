@@ -63,6 +63,8 @@ def check_sizes(args, adapter_cls, world_size=1):
             raise ConfigError(f"{what} size: {e}") from None
     if args.fsdp and world_size < 2:
         raise ConfigError("--fsdp shards over processes: launch with accelerate launch --num_processes N (N >= 2)")
+    if args.fsdp and args.ema_on_cpu:
+        raise ConfigError("--ema-on-cpu with --fsdp: the EMA is sharded with the weights already")
     wide = args.rollout_batch_size
     if wide is not None and (wide < args.batch_size or wide % args.batch_size):
         raise ConfigError(f"--rollout-batch-size {wide} must be a multiple of --batch-size {args.batch_size}")

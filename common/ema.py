@@ -30,9 +30,11 @@ def ema_decay(schedule: str, step: int, decay: float, warmup_steps: int = 10, in
 
 
 class EMA:
-    def __init__(self, params, interval: int = 1, **schedule):
+    def __init__(self, params, interval: int = 1, device=None, **schedule):
+        """device: where the fp32 shadow weights live (default: with the parameters; "cpu" frees accelerator memory,
+        at the cost of a transfer per update and per swap)."""
         self.params = [p for p in params if p.requires_grad]
-        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.shadow = [p.detach().float().clone().to(device or p.device) for p in self.params]
         self.interval, self.schedule = interval, schedule
 
     @torch.no_grad()
@@ -42,13 +44,13 @@ class EMA:
             return None
         d = ema_decay(step=step, **self.schedule)
         for s, p in zip(self.shadow, self.params):
-            s.mul_(d).add_(p.detach().float(), alpha=1 - d)
+            s.mul_(d).add_(p.detach().float().to(s.device), alpha=1 - d)
         return d
 
     @contextmanager
     def swapped_in(self):
         """Temporarily load the EMA weights into the model (evaluation, saving)."""
-        backup = [p.detach().clone() for p in self.params]
+        backup = [p.detach().to(s.device, copy=True) for s, p in zip(self.shadow, self.params)]  # kept with the shadow
         with torch.no_grad():
             for s, p in zip(self.shadow, self.params):
                 p.copy_(s)

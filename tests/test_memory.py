@@ -1,4 +1,4 @@
-"""Prompts encoded once (`--encode-once`, the default) against encoding every batch: the cached rows assembled into a
+"""Memory levers. Prompts encoded once (`--encode-once`, the default) against encoding every batch: the cached rows assembled into a
 batch equal the batch encoded directly, for every model (tiny builds); whole runs give the same numbers; the cache
 covers every row a process samples in the remaining epochs and its evaluation rows, and stops in one line before
 host memory runs out."""
@@ -84,3 +84,19 @@ def test_a_cache_too_big_for_host_memory_stops_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="encoding the 6 prompts this process will see once needs .* --no-encode-once"):
         cache.fill([Item(prompt=str(i), source=f"t:{i}") for i in range(6)], {"height": 64, "width": 64})
     json.dumps(cache.summary(0.1))  # a plain one-line string
+
+
+@pytest.mark.parametrize("flags", [("--ema-on-cpu",), ("--finetune", "full", "--kl-beta", "0.1", "--ref-device", "cpu")])
+def test_cpu_memory_levers_change_no_number(flags, tmp_path):
+    """The evaluation EMA on the CPU, the full fine-tuning reference copy on the CPU: the same run, number for number
+    (on a CPU machine the moves are no-ops; this guards the plumbing: the EMA updates, swaps and checkpoints)."""
+    base = [sys.executable, "grpo.py", "--model", "flux1", "--tiny", "--log-with", "none"]
+    extra = [f for f in flags if f not in ("--ema-on-cpu", "--ref-device", "cpu")]
+    runs = []
+    for argv in (extra, list(flags)):
+        out = tmp_path / str(len(runs))
+        r = subprocess.run(base + argv + ["--output-dir", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append([{k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))} for m in read_metrics(out)])
+    assert runs[0] == runs[1] and len(runs[0]) == 3
