@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from common import models
 from tests.test_grpo import ENV, ROOT, read_metrics
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-          "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# the config file the README documents (2 CPU processes over gloo)
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "docs/accelerate/two_cpu_processes.yaml"]
 # one optimizer step per epoch: its micro-batches are the whole epoch's, however they split over processes
 FLAGS = ["--model", "flux1", "--tiny", "--log-with", "none", "--gradient-steps-per-epoch", "1", "--eval-every", "0"]
 

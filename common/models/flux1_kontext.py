@@ -63,8 +63,10 @@ class Flux1KontextAdapter(Flux1Adapter):
             raise ModelError(f"{self.name}: the condition images of one batch resize to different sizes ({shown}); "
                              "ragged batches are not supported, batch images of one aspect ratio together")
         (h, w), proc = sizes[0], self.pipe.image_processor
-        x = proc.preprocess(first, h, w).to(self.device, self.dtype)
-        lat = self.pipe._encode_vae_image(x, generator=None)  # posterior mode, normalized
+        # one image per VAE call, as the pipeline encodes its one image: a row's latents then do not depend on the
+        # batch it was encoded in (batched convolutions differ in the last bits), so prompts encoded once are exact
+        lat = torch.cat([self.pipe._encode_vae_image(proc.preprocess(im, h, w).to(self.device, self.dtype),
+                                                     generator=None) for im in first])  # posterior mode, normalized
         u, c, lh, lw = lat.shape
         lat = self.pipe._pack_latents(lat, u, c, lh, lw)
         idx = torch.tensor([uniq.index(k) for k in keys], device=self.device)
