@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 import rewards
 from common import checkpoint, conditioning, data, evaluation, models, plan, sampler, sharding, tracking
 from common.advantages import compute_advantages
-from common.cli import USER_ERRORS, ConfigError, check_expert_reach, check_sizes, height_width, parse_with_presets
+from common.cli import (USER_ERRORS, ConfigError, check_expert_reach, check_sizes, height_width, parse_with_presets,
+                        set_cpu_threads)
 from common.ema import EMA
 
 
@@ -302,6 +303,8 @@ def main(args: Args):
                               project_dir=args.output_dir, kwargs_handlers=[models.ddp_kwargs(args)])
     train_items, test_items, group_sampler, reward_paths, resume = check_args(args, accelerator.num_processes)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if device.type == "cpu":
+        set_cpu_threads(world)
     set_seed(args.seed, device_specific=True)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -416,7 +419,8 @@ def main(args: Args):
             tracking.append_jsonl(metrics_path, {"epoch": -1, **base_eval, **timer.pop(),
                                                  **tracking.peak_memory_gb(device)})
 
-    for epoch in range(start_epoch, args.num_epochs):
+    for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", initial=start_epoch, total=args.num_epochs,
+                      disable=not accelerator.is_local_main_process):  # the whole run's bar, with its estimate
         # ---- SAMPLING ----
         plan = group_sampler.plan(epoch)
         window = sampler.draw_sde_window(args.num_steps, args.sde_window_size, *args.sde_window_range,
@@ -558,9 +562,9 @@ def main(args: Args):
         if accelerator.is_main_process:
             tracking.append_jsonl(metrics_path, record)
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch)
-            accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in record.items() if k.startswith(("epoch", "reward/", "train/loss",
-                                                                                    "eval/", "time/"))))
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"  # above the progress bars
+                                for k, v in record.items() if k.startswith(("epoch", "reward/", "train/loss", "eval/",
+                                                                             "time/"))))
 
         # SHARED: checkpoint
         if (epoch + 1) % args.save_every == 0 or last:
@@ -576,14 +580,12 @@ def main(args: Args):
         with ema.swapped_in():  # lora/ or transformer/ (and transformer_2/); sharded: gathered by every rank
             sharding.export(adapter, args.finetune, args.output_dir)
     if accelerator.is_main_process and start_epoch < args.num_epochs:
-        if base_eval is not None and args.eval_every:  # before/after table and grid
-            accelerator.print(tracking.before_after_table(base_eval, final_eval))
+        accelerator.print(f"saved to {args.output_dir}")
+        if base_eval is not None and args.eval_every:  # the before/after grid
             tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), "before_after",
                                   base_images + final_images, ["base"] * len(base_images)
                                   + ["trained"] * len(final_images), args.num_epochs)
-        accelerator.print(f"saved to {args.output_dir}")
-    if base_eval is not None and accelerator.is_main_process:
-        accelerator.print(" ".join(f"{k[5:]}={v:.4f}" for k, v in base_eval.items()))
+        accelerator.print(tracking.run_summary(metrics_path))  # the result, as the last lines: trained vs base
     accelerator.end_training()
 
 

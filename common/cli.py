@@ -45,6 +45,17 @@ def parse_with_presets(args_cls, presets: dict, tiny_presets: dict | None = None
     return tyro.cli(args_cls, default=default, args=argv, console_outputs=is_main)
 
 
+def set_cpu_threads(world_size):
+    """On a CPU without OMP_NUM_THREADS: torch threads = the cores this process may use / the processes of this
+    machine (torch's own default gives every process every core, which oversubscribes under accelerate launch).
+    OMP_NUM_THREADS=N overrides it; on a busy machine OMP_NUM_THREADS=1 is much faster (README)."""
+    import torch
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+
+
 def height_width(resolution) -> tuple[int, int]:
     """--resolution S (square) or --resolution H W -> (H, W)."""
     if len(resolution) not in (1, 2):

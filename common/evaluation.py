@@ -8,6 +8,7 @@ theirs; a grid of 16 prompts spread over the split is saved under samples/.
 import os
 
 import torch
+from tqdm.auto import tqdm
 
 from common import sampler, tracking
 from common.cli import height_width
@@ -33,7 +34,8 @@ def evaluate(accelerator, adapter, items, encode, predictor, score, shown, rewar
     mine = rank_rows(len(items), rank, world)
     grid_ids = mine[:: max(1, len(mine) // 16)][:16]
     scores, images = {k: [] for k in reward_set.names}, []
-    for start in range(0, len(mine), args.eval_batch_size):
+    for start in tqdm(range(0, len(mine), args.eval_batch_size), desc="evaluation" if epoch < 0 else f"epoch {epoch} eval",
+                      disable=not accelerator.is_local_main_process, leave=False):
         idx = mine[start:start + args.eval_batch_size]
         batch = [items[i] for i in idx]
         z = torch.cat([adapter.prepare_noise(1, height, width, torch.Generator().manual_seed(args.eval_seed + i),

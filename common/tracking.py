@@ -115,10 +115,37 @@ def save_samples(accelerator, out_dir, tag, images, captions, step, *, fps: floa
                              f"{key}_frames": wandb.Image(grid, caption=caption)}, step=step)
 
 
-def before_after_table(base: dict, final: dict) -> str:
-    """A plain-text table of every eval metric, base model vs trained."""
-    rows = [f"{'metric':<40} {'base':>9} {'trained':>9} {'change':>9}"]
-    for k in sorted(final):
-        if k.startswith("eval/") and k in base:
-            rows.append(f"{k[5:]:<40} {base[k]:>9.4f} {final[k]:>9.4f} {final[k] - base[k]:>+9.4f}")
+def _summary_order(k):
+    # rewards first, then dense scores, then strict accuracy overall, then per category
+    name = k[5:]
+    return ("reward_" not in name, "dense" not in name, "strict/all" not in name, name)
+
+
+def run_summary(metrics_path) -> str:
+    """The run's result, read back from metrics.jsonl: the trained model's last evaluation against the base model's
+    (epoch -1), one row per metric (accuracies in %), and the best evaluation with its epoch. A metric that repeats
+    another one's values in every evaluation (the shapes reward is its dense score) is shown once."""
+    with open(metrics_path) as f:
+        evals = [r for r in map(json.loads, f) if any(k.startswith("eval/") for k in r)]
+    base = next((r for r in evals if r["epoch"] == -1), None)
+    trained = [r for r in evals if r["epoch"] >= 0]
+    if base is None or not trained:
+        return "no summary: the run has no base-model and trained-model evaluations to compare (--eval-every)"
+    final = trained[-1]
+    keys = sorted((k for k in final if k.startswith("eval/") and k in base), key=_summary_order)
+    keys = [k for i, k in enumerate(keys) if not any(all(r.get(k) == r.get(j) for r in evals) for j in keys[:i])]
+    main = next((k for k in keys if k.endswith("strict/all")), keys[0])
+    best = max(trained, key=lambda r: r[main])
+    pct = {k: "strict" in k for k in keys}
+
+    def cell(k, v):
+        return f"{100 * v:.1f}%" if pct[k] else f"{v:.4f}"
+
+    def change(k):
+        d = final[k] - base[k]
+        return f"{100 * d:+.1f} pts" if pct[k] else f"{d:+.4f}"
+    rows = [f"Result: the trained model (EMA weights, epoch {final['epoch']}) against the base model, held-out prompts",
+            f"{'metric':<32} {'base':>10} {'trained':>10} {'change':>11} {'best (epoch ' + str(best['epoch']) + ')':>18}"]
+    rows += [f"{k[5:]:<32} {cell(k, base[k]):>10} {cell(k, final[k]):>10} {change(k):>11} {cell(k, best[k]):>18}"
+             for k in keys]
     return "\n".join(rows)
