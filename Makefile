@@ -4,9 +4,12 @@
 # The virtual environment is created and filled on first use, and again only when requirements.txt changes.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch 2.13.0: the CPU build where the package index serves one for it (this project's machines and CI); on a GPU
-# machine install the build for your CUDA version into $(VENV) first, and it is kept (pip sees it satisfied)
-TORCH ?= torch==2.13.0
+# torch: with a visible NVIDIA GPU (nvidia-smi -L lists one) the package index's default build (CUDA); else
+# torch==2.13.0, which this project's machines and CI serve as a CPU build (elsewhere add
+# TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu). A torch already in $(VENV) is kept.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH ?= $(if $(GPU),torch,torch==2.13.0)
+TORCH_INDEX ?=
 
 .PHONY: run test
 run: $(VENV)/.installed
@@ -18,6 +21,6 @@ test: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
