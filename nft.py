@@ -418,13 +418,8 @@ def main(args: Args):
     cache = None
     if args.encode_once:  # every prompt this process will see, once, kept on the CPU; then the encoders move off
         with timer("encode"):
-            cache = conditioning.ConditionCache(encode_now, args.batch_size if adapter.condition_images == "none" else 1)
-            cache.fill(conditioning.rows_seen(group_sampler, train_items, rank, range(start_epoch, args.num_epochs)),
-                       adapter.make_state(*height_width(args.resolution), args.num_frames))
-            if args.eval_every:
-                cache.fill([test_items[i] for i in evaluation.rank_rows(len(test_items), rank, world)],
-                           adapter.make_state(*height_width(args.eval_resolution), args.eval_num_frames))
-        adapter.offload_encoders()
+            cache = conditioning.encode_once(encode_now, adapter, args, group_sampler, train_items, test_items,
+                                             rank, world, range(start_epoch, args.num_epochs))
         accelerator.print(cache.summary(timer.seconds["encode"]))
 
     # SHARED: evaluation

@@ -11,7 +11,7 @@ size it was encoded for (image-to-video conditions depend on it).
 """
 import torch
 
-from common.cli import ConfigError
+from common.cli import ConfigError, height_width
 
 
 def _key(item, state):
@@ -94,3 +94,19 @@ def rows_seen(group_sampler, train_items, rank, epochs):
     idx = sorted({i for e in epochs for batch, _ in group_sampler.local_batches(e, rank) for i in batch})
     return [train_items[i] for i in idx]
 
+
+
+def encode_once(encode, adapter, args, group_sampler, train_items, test_items, rank, world, epochs) -> ConditionCache:
+    """The cache of a run (--encode-once): this rank's train rows of `epochs` at the training size and its evaluation
+    rows at the evaluation size, encoded by the script's `encode(items, state)`; then the adapter's text and image
+    encoders move off the accelerator. Condition-image models encode one row per call (their batches must share
+    condition sizes; one row always does)."""
+    from common.evaluation import rank_rows
+    cache = ConditionCache(encode, args.batch_size if adapter.condition_images == "none" else 1)
+    cache.fill(rows_seen(group_sampler, train_items, rank, epochs),
+               adapter.make_state(*height_width(args.resolution), args.num_frames))
+    if args.eval_every:
+        cache.fill([test_items[i] for i in rank_rows(len(test_items), rank, world)],
+                   adapter.make_state(*height_width(args.eval_resolution), args.eval_num_frames))
+    adapter.offload_encoders()
+    return cache
