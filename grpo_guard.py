@@ -51,7 +51,7 @@ class Args:
     """shapes (the embedded FLUX.1-architecture model, CPU), flux1, flux1-kontext, sd3_5, z-image, qwen-image,
     qwen-image-edit-plus, flux2, flux2-klein, wan2_t2v (video) or wan2_i2v (image-to-video)"""
     model_path: str | None = None
-    """hub id or local folder of the diffusers pipeline (default: the model's hub id)"""
+    """hub id or local folder of the diffusers pipeline (if unset: the model's hub id)"""
     tiny: bool = False
     """use tiny random-weight components built in code (no download; CPU tests and demos)"""
     variant: str | None = None
@@ -65,13 +65,13 @@ class Args:
     lora_alpha: int = 128
     """LoRA alpha (scale = alpha / rank)"""
     lora_targets: tuple[str, ...] = ()
-    """LoRA target module suffixes (default: the model's list)"""
+    """LoRA target module suffixes (if unset: the model's list)"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """frozen weights and forwards in this precision; trainable weights stay fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
     attention_backend: str | None = None
-    """diffusers attention backend, e.g. flash, _native_cudnn, sage (default: native SDPA)"""
+    """diffusers attention backend, e.g. flash, _native_cudnn, sage (if unset: native SDPA)"""
     fsdp: bool = False
     """shard the trained transformer(s) over the processes of `accelerate launch` with torch FSDP2 (README)"""
     plan: bool = False
@@ -82,11 +82,11 @@ class Args:
     dataset: str = "datasets/demo"
     """dataset folder with train.txt|jsonl (+ test.txt|jsonl, images/, videos/)"""
     image_dir: str | None = None
-    """folder for relative image paths (default: <dataset>/images)"""
+    """folder for relative image paths (if unset: <dataset>/images)"""
     video_dir: str | None = None
-    """folder for relative video paths (default: <dataset>/videos)"""
+    """folder for relative video paths (if unset: <dataset>/videos)"""
     condition_max_pixels: int | None = None
-    """cap on the area of condition images (edit models), in pixels (default: the pipeline's own)"""
+    """cap on the area of condition images (edit models), in pixels (if unset: the pipeline's own)"""
     reward: tuple[str, ...] = ("pickscore",)
     """rewards as NAME[:WEIGHT] or a dotted path package.module.Reward[:WEIGHT]"""
     reward_paths: tuple[str, ...] = ()
@@ -111,7 +111,7 @@ class Args:
     true_cfg_scale: float = 1.0
     """the pipeline's true_cfg_scale (FLUX.1, Qwen-Image): CFG when > 1 and a negative prompt is given"""
     guidance_scale_2: float | None = None
-    """Wan2.2-A14B: CFG scale of the low-noise expert (default: guidance_scale)"""
+    """Wan2.2-A14B: CFG scale of the low-noise expert (if unset: guidance_scale)"""
     negative_prompt: str | None = None
     """negative prompt for rows that give none (enables true CFG)"""
     max_sequence_length: int = 512
@@ -137,7 +137,7 @@ class Args:
     batch_size: int = 2
     """micro-batch per process, for rollout and training alike"""
     rollout_batch_size: int | None = None
-    """samples per rollout forward, a multiple of batch_size (default: batch_size); rollouts keep no activations"""
+    """samples per rollout forward, a multiple of batch_size (if unset: batch_size); rollouts keep no activations"""
     # Training
     learning_rate: float = 3e-4
     """AdamW learning rate"""
@@ -160,7 +160,7 @@ class Args:
     kl_type: Literal["x-based", "v-based"] = "x-based"
     """x-based: exact Gaussian transition KL; v-based: mean squared velocity difference"""
     ref_device: str | None = None
-    """device of the frozen reference copy for full fine-tuning (default: the training device)"""
+    """device of the frozen reference copy for full fine-tuning (if unset: the training device)"""
     ema_decay: float = 0.9
     """EMA decay of the trained weights used for evaluation and saving"""
     ema_interval: int = 4
