@@ -356,9 +356,13 @@ def main(args: Args):
         state = (checkpoint.load_sharded if args.fsdp else checkpoint.load)(resume, params, optimizer, ema)
         start_epoch, global_step = state["epoch"] + 1, state["step"]
         accelerator.print(f"resumed from {resume} at epoch {start_epoch}")
+    elif args.resume_from:  # `latest` with no checkpoint yet: the same command starts the run
+        accelerator.print(f"--resume-from {args.resume_from}: no checkpoint in {args.output_dir}; starting fresh")
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if accelerator.is_main_process and not resume and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed run appends
+    elif accelerator.is_main_process and resume:  # after the lines of epochs the checkpoint does not hold
+        tracking.keep_epochs_before(metrics_path, start_epoch)
     timer = tracking.Timer()
     n_batches = group_sampler.num_batches
     # ALGO LOGIC: trained steps and banner
@@ -571,9 +575,9 @@ def main(args: Args):
 
     # SHARED: save
     accelerator.wait_for_everyone()
-    if start_epoch < args.num_epochs:  # --num-epochs 0: evaluate only
+    if start_epoch < args.num_epochs or (resume and not sharding.export_done(adapter, args.finetune, args.output_dir)):
         with ema.swapped_in():  # lora/ or transformer/ (and transformer_2/); sharded: gathered by every rank
-            sharding.export(adapter, args.finetune, args.output_dir)
+            sharding.export(adapter, args.finetune, args.output_dir)  # (--num-epochs 0: evaluate only, no export)
     if accelerator.is_main_process and start_epoch < args.num_epochs:
         accelerator.print(f"saved to {args.output_dir}")
         if base_eval is not None and args.eval_every:  # the before/after grid

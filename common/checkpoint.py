@@ -52,7 +52,9 @@ def _write(ckpt_root, step, params, opt_state, ema_state, meta, total_limit, ext
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"checkpoint-{step}")
     tmp = os.path.join(ckpt_root, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in os.listdir(ckpt_root):  # a write killed half-way leaves its temporary folder: remove it
+        if stale.startswith(".tmp-checkpoint-"):
+            shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, os.path.join(tmp, "trainable.safetensors"))
     opt_tensors, opt_meta = _optimizer_to_flat(opt_state)
@@ -101,15 +103,45 @@ def list_checkpoints(ckpt_root):
     return [p for _, p in sorted(found)]
 
 
-def resolve(resume_from, ckpt_root):
-    """'latest' -> newest complete checkpoint under ckpt_root; a path -> checked to be a checkpoint."""
+def problem(path):
+    """Why the checkpoint folder `path` cannot be resumed (one line), or None: state.json must parse and every
+    safetensors file's header must read (a truncated or corrupt file names itself)."""
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or "step" not in state or "epoch" not in state:
+            return "state.json lacks step/epoch"
+    except (OSError, ValueError) as e:
+        return f"state.json unreadable ({' '.join(str(e).split())})"
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(path, name), "pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                return f"{name} is corrupt ({' '.join(str(e).split())[:120]})"
+    if not os.path.isfile(os.path.join(path, "trainable.safetensors")):
+        return "trainable.safetensors is missing"
+    return None
+
+
+def resolve(resume_from, ckpt_root, log=print):
+    """'latest' -> the newest checkpoint under ckpt_root that can be resumed (newer broken ones are skipped, each
+    named in one line), or None when there is none yet (the run starts fresh: a scheduler re-runs the same
+    command); a path -> checked, CheckpointError naming what is wrong."""
     if resume_from == "latest":
-        found = list_checkpoints(ckpt_root)
-        if not found:
-            raise CheckpointError(f"--resume-from latest: no checkpoint in {ckpt_root}")
-        return found[-1]
+        for path in reversed(list_checkpoints(ckpt_root)):
+            why = problem(path)
+            if why is None:
+                return path
+            log(f"skipping checkpoint {path}: {why}")
+        return None
     if not os.path.isfile(os.path.join(resume_from, "state.json")):
         raise CheckpointError(f"--resume-from {resume_from}: not a checkpoint folder (no state.json)")
+    why = problem(resume_from)
+    if why:
+        raise CheckpointError(f"--resume-from {resume_from}: {why}")
     return resume_from
 
 

@@ -318,16 +318,39 @@ def component_state_dicts(adapter, sd: dict) -> dict:
 def export(adapter, finetune: str, output_dir: str) -> None:
     """The run's final weights in diffusers format: LoRA into output_dir/lora, full fine-tuning into
     output_dir/<component>. COLLECTIVE when the trained module is sharded (every rank gathers, rank 0 writes);
-    unsharded, rank 0 writes from its own replica."""
+    unsharded, rank 0 writes from its own replica. Written into output_dir/.tmp-export, then each folder renamed into
+    place, so a killed export leaves no half-written LoRA (and export_done tells a resumed run to redo it)."""
     import os
+    import shutil
     module = adapter.trained_module()
-    if is_sharded(module):
-        sd = full_state_dict(module, trainable_only=finetune == "lora")
-        if rank() == 0:
-            (save_lora(adapter, os.path.join(output_dir, "lora"), sd) if finetune == "lora"
-             else save_full(adapter, output_dir, sd))
-    elif rank() == 0:
-        adapter.save_lora(os.path.join(output_dir, "lora")) if finetune == "lora" else adapter.save_full(output_dir)
+    sd = full_state_dict(module, trainable_only=finetune == "lora") if is_sharded(module) else None
+    if rank() != 0:
+        return
+    tmp = os.path.join(output_dir, ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if finetune == "lora":
+        (save_lora(adapter, os.path.join(tmp, "lora"), sd) if sd is not None
+         else adapter.save_lora(os.path.join(tmp, "lora")))
+    else:
+        save_full(adapter, tmp, sd) if sd is not None else adapter.save_full(tmp)
+    for name in os.listdir(tmp):
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    shutil.rmtree(tmp)
+
+
+def export_done(adapter, finetune: str, output_dir: str) -> bool:
+    """Whether every trained component's final export is in place (a resumed run whose epochs are all done redoes
+    an export that was interrupted)."""
+    import os
+    for comp in adapter.trained_components():
+        if finetune == "lora":
+            folder = os.path.join(output_dir, "lora", *(() if comp == "transformer" else (comp,)))
+            if not os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
+                return False
+        elif not os.path.isfile(os.path.join(output_dir, comp, "config.json")):
+            return False
+    return True
 
 
 def save_lora(adapter, out_dir: str, sd: dict) -> None:

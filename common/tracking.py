@@ -36,6 +36,18 @@ def peak_memory_gb(device) -> dict:
     return {"memory/peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
+def keep_epochs_before(path, epoch: int):
+    """On resume: drop the records of epochs >= `epoch` (written after the checkpoint by a run that was then killed),
+    so the resumed run's lines are not duplicated; the file is rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < epoch]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 def append_jsonl(path, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
