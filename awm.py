@@ -45,7 +45,9 @@ class Args:
     log_with: Literal["tensorboard", "wandb", "swanlab", "none"] = "tensorboard"
     """experiment tracker"""
     resume_from: str | None = None
-    """'latest' or a checkpoint folder to resume from exactly"""
+    """'latest' (the newest good checkpoint; none yet: start fresh) or a checkpoint folder to resume from exactly"""
+    overwrite: bool = False
+    """start fresh in an --output-dir that holds another run's checkpoints, removing that run's outputs"""
     # Model
     model: str = "shapes"
     """shapes (the embedded FLUX.1-architecture model, CPU), flux1, flux1-kontext, sd3_5, z-image, qwen-image,
@@ -303,6 +305,7 @@ def check_args(args, world_size):
                           f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} equal steps")
     resume = checkpoint.resolve(args.resume_from, os.path.join(args.output_dir, "checkpoints")) \
         if args.resume_from else None
+    checkpoint.check_output_dir(args.output_dir, resume, args.overwrite)  # runs never mix
     return train, test, groups, paths, resume
 
 
@@ -318,9 +321,9 @@ def main(args: Args):
         set_cpu_threads(world)
     set_seed(args.seed, device_specific=True)
     if accelerator.is_main_process:
+        if args.overwrite and not resume:  # every check passed: only now the previous run's outputs go
+            checkpoint.clear_run(args.output_dir)
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
     if args.log_with != "none":
         accelerator.init_trackers(args.exp_name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
     storage_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.latent_storage_dtype]
@@ -369,6 +372,9 @@ def main(args: Args):
         accelerator.print(f"resumed from {resume} at epoch {start_epoch}")
     elif args.resume_from:  # `latest` with no checkpoint yet: the same command starts the run
         accelerator.print(f"--resume-from {args.resume_from}: no checkpoint in {args.output_dir}; starting fresh")
+    if accelerator.is_main_process:  # written once a resume has loaded: a failed one leaves the run's config as it was
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if accelerator.is_main_process and not resume and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed run appends

@@ -34,7 +34,8 @@ def main():
     for flag in ("", "--async-rewards"):
         out = os.path.join(a.out, flag or "sync")
         cmd = [sys.executable, "grpo.py", "--model", "flux1", "--tiny", "--num-epochs", "2", "--eval-every", "0",
-               "--log-with", "none", "--reward", "bench.async_rewards.slow_jpeg", "--output-dir", out] + ([flag] if flag else [])
+               "--log-with", "none", "--reward", "bench.async_rewards.slow_jpeg", "--output-dir", out, "--overwrite"] + (
+            [flag] if flag else [])
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f][-1]  # the second epoch: warm

@@ -25,7 +25,7 @@ FLAGS = ["--model", "flux1", "--resolution", "128", "--eval-resolution", "128", 
          "--prompts-per-epoch", "4", "--batch-size", "2", "--max-sequence-length", "512", "--lora-rank", "8",
          "--lora-alpha", "16", "--reward", "jpeg_compressibility", "--eval-every", "0", "--num-epochs", "3",
          "--dataset", os.path.join(ROOT, "datasets/demo"), "--log-with", "none", "--mixed-precision", "no",
-         "--no-gradient-checkpointing", "--latent-storage-dtype", "fp32"]
+         "--no-gradient-checkpointing", "--latent-storage-dtype", "fp32", "--overwrite"]
 VARIANTS = {"default (encode once)": [], "--no-encode-once": ["--no-encode-once"],
             "--rollout-batch-size 16": ["--rollout-batch-size", "16"], "--compile": ["--compile"]}
 

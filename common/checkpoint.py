@@ -94,6 +94,32 @@ def save_sharded(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: 
     return final
 
 
+RUN_OUTPUTS = ("checkpoints", "lora", "transformer", "transformer_2", "samples", "metrics.jsonl", "config.json",
+               ".tmp-export")
+
+
+def check_output_dir(output_dir, resume, overwrite):
+    """Before anything is written: runs never share a folder by accident. A fresh run refuses a folder that holds
+    another run's checkpoints unless `overwrite` (then its outputs are removed by clear_run, after every check)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise CheckpointError(f"--output-dir {output_dir} is a file, not a folder")
+    found = list_checkpoints(os.path.join(output_dir, "checkpoints"))
+    if found and not resume and not overwrite:
+        raise CheckpointError(f"--output-dir {output_dir} holds another run's checkpoints (newest "
+                              f"{os.path.basename(found[-1])}): resume it with --resume-from latest, pass --overwrite "
+                              "to replace it, or choose another --output-dir")
+
+
+def clear_run(output_dir):
+    """--overwrite: remove a previous run's outputs from output_dir (checkpoints, exports, samples, logs)."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
 def list_checkpoints(ckpt_root):
     """Complete checkpoints, oldest first (temporary folders are ignored)."""
     if not os.path.isdir(ckpt_root):
@@ -154,6 +180,7 @@ def load(path, params: dict, optimizer, ema=None) -> dict:
     if missing:
         raise CheckpointError(f"{path}: trainable parameters do not match this run ({len(missing)} differ, "
                               f"e.g. {sorted(missing)[0]}); same --model / LoRA settings needed")
+    _check_shapes(path, {k: tuple(v.shape) for k, v in saved.items()}, params)
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])
@@ -162,6 +189,15 @@ def load(path, params: dict, optimizer, ema=None) -> dict:
     if ema is not None:
         ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
     return state
+
+
+def _check_shapes(path, saved_shapes: dict, params: dict):
+    """One line when the checkpoint's tensors do not fit this run's parameters (e.g. another --lora-rank)."""
+    for k, p in params.items():
+        if saved_shapes[k] != tuple(p.shape):
+            raise CheckpointError(f"{path}: trainable parameters do not match this run ({k}: saved "
+                                  f"{list(saved_shapes[k])}, this run {list(p.shape)}); same --model / LoRA settings "
+                                  "needed")
 
 
 def load_sharded(path, params: dict, optimizer, ema=None) -> dict:
@@ -178,6 +214,7 @@ def load_sharded(path, params: dict, optimizer, ema=None) -> dict:
         if missing:
             raise CheckpointError(f"{path}: trainable parameters do not match this run ({len(missing)} differ, "
                                   f"e.g. {sorted(missing)[0]}); same --model / LoRA settings needed")
+        _check_shapes(path, {k: tuple(f.get_slice(k).get_shape()) for k in params}, params)
         for k, p in params.items():
             sharding.copy_full_(p, f.get_tensor(k))
     opt_params = sharding.optimizer_params(optimizer)

@@ -89,3 +89,20 @@ def test_latest_skips_a_corrupt_newest_checkpoint(tmp_path):
     assert f"skipping checkpoint {newest}: optimizer.safetensors is corrupt" in r.stdout
     assert f"resumed from {out / 'checkpoints' / ckpts[-2]}" in r.stdout
     assert [m["epoch"] for m in read_metrics(out)] == [0, 1, 2, 3]
+
+
+def test_runs_never_mix(tmp_path):
+    """A fresh run into a folder holding another run's checkpoints stops in one line, the folder untouched; a resume
+    that fails (another LoRA rank) leaves config.json as it was; --overwrite replaces the old run."""
+    out = tmp_path / "run"
+    _run(out, "--num-epochs", "1")
+    before = {p: (out / p).read_bytes() for p in ("config.json", "metrics.jsonl")}
+    r = _run(out, "--num-epochs", "1", check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: --output-dir {out} holds another run's checkpoints (newest checkpoint-2): resume it")
+    r = _run(out, "--resume-from", "latest", "--lora-rank", "8", check=False)
+    assert r.returncode == 1 and "trainable parameters do not match" in r.stderr.strip().splitlines()[-1]
+    assert {p: (out / p).read_bytes() for p in before} == before  # nothing of the old run changed
+    _run(out, "--num-epochs", "1", "--overwrite", "--seed", "7")
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-2"]
+    assert '"seed": 7' in (out / "config.json").read_text()
