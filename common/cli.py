@@ -63,9 +63,42 @@ def height_width(resolution) -> tuple[int, int]:
     return (resolution[0], resolution[-1])
 
 
+# numeric flags and their ranges (checked for the fields a script has): (lower bound, inclusive?) or a closed interval
+RANGES = {
+    "learning_rate": (0, False), "weight_decay": (0, True), "max_grad_norm": (0, False), "batch_size": (1, True),
+    "gradient_steps_per_epoch": (1, True), "num_inner_epochs": (1, True), "num_epochs": (0, True),
+    "eval_every": (0, True), "save_every": (1, True), "checkpoints_total_limit": (1, True), "lora_rank": (1, True),
+    "lora_alpha": (0, False), "max_sequence_length": (1, True), "num_steps": (1, True), "eval_num_steps": (1, True),
+    "eval_num_prompts": (1, True), "eval_batch_size": (1, True), "prompts_per_epoch": (1, True),
+    "clip_range": (0, False), "adv_clip": (0, False), "adv_eps": (0, True), "kl_beta": (0, True),
+    "ema_interval": (1, True), "noise_level": (0, True), "guidance_scale": (0, True), "true_cfg_scale": (0, True),
+    "condition_max_pixels": (1, True), "ema_decay": (0, 1), "old_decay": (0, 1), "anchor_decay": (0, 1),
+    "nft_beta": (0, False), "time_shift": (0, False), "num_train_timesteps": (0, True),
+}
+
+
+def check_ranges(args):
+    """Every numeric flag in its range, in one line naming the flag, before any model loads."""
+    for name, rule in RANGES.items():
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(rule[1], bool):
+            bound, inclusive = rule
+            if value < bound or (value == bound and not inclusive):
+                raise ConfigError(f"{flag} must be {'>=' if inclusive else '>'} {bound}, got {value}")
+        elif not rule[0] <= value <= rule[1]:
+            raise ConfigError(f"{flag} must lie in [{rule[0]}, {rule[1]}], got {value}")
+    if getattr(args, "dynamics", None) == "CPS" and args.noise_level > 1:
+        raise ConfigError(f"--noise-level must be <= 1 with --dynamics CPS (its std is sigma sin(eta pi / 2)), "
+                          f"got {args.noise_level}")
+
+
 def check_sizes(args, adapter_cls, world_size=1):
-    """Before any model loads: training and evaluation sizes and frame counts the model can generate, the video,
-    rollout-width and expert options (every algorithm script calls this from its check_args)."""
+    """Before any model loads: numeric ranges, training and evaluation sizes and frame counts the model can generate,
+    the video, rollout-width and expert options (every algorithm script calls this from its check_args)."""
+    check_ranges(args)
     for res, frames, what in ((args.resolution, args.num_frames, "training"),
                               (args.eval_resolution, args.eval_num_frames, "evaluation")):
         try:

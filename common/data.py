@@ -25,6 +25,8 @@ class Item:
 
 
 def _split_file(dataset: str, split: str) -> str | None:
+    if os.path.isfile(dataset):
+        raise DataError(f"--dataset {dataset} is a file; give the folder that holds train.txt or train.jsonl")
     if not os.path.isdir(dataset):
         raise DataError(f"dataset folder not found: {dataset}")
     found = [p for p in (os.path.join(dataset, f"{split}.{ext}") for ext in ("txt", "jsonl")) if os.path.isfile(p)]
@@ -84,7 +86,7 @@ def load_split(dataset: str, split: str = "train", image_dir: str | None = None,
         return p
 
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
             lines = f.read().splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None

@@ -134,8 +134,13 @@ class RewardSet:
         out = {}
         for name in self.names:
             x = images[:, ::self.frame_strides[name]] if images.dim() == 5 else images
-            with self._locks[name], torch.no_grad():
-                s = torch.as_tensor(self.rewards[name](x, prompts, metadata)).detach().float().cpu()
+            try:
+                with self._locks[name], torch.no_grad():
+                    s = torch.as_tensor(self.rewards[name](x, prompts, metadata)).detach().float().cpu()
+            except RewardError:
+                raise
+            except Exception as e:  # a custom reward's own failure (or None returned): one line naming it
+                raise RewardError(f"reward {name!r} failed: {type(e).__name__}: {' '.join(str(e).split())}") from e
             if s.shape != (B,):
                 raise RewardError(f"reward {name!r} returned shape {tuple(s.shape)}, expected ({B},)")
             bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
