@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/runs/async"))
     a = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "BENCH_REWARD_SECONDS": str(a.seconds)}
-    print(f"| mode | epoch wall s | rollout s | reward s (sync: scoring; async: waiting) | train s |\n|---|---|---|---|---|")
+    print("| mode | epoch wall s | rollout s | reward s (sync: scoring; async: waiting) | train s |\n|---|---|---|---|---|")
     for flag in ("", "--async-rewards"):
         out = os.path.join(a.out, flag or "sync")
         cmd = [sys.executable, "grpo.py", "--model", "flux1", "--tiny", "--num-epochs", "2", "--eval-every", "0",

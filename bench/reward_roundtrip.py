@@ -85,7 +85,7 @@ def main():
             for k in ("remote", "compute"):
                 t = median_time(lambda: rs.rewards[k](x, prompts, meta), args.repeats)
                 rows.append((case, k, local, t, (t - local) / B * 1000, sizes[k] / 1e6))
-        print(f"| case | path | local s | remote s | overhead ms per sample | body MB |\n|---|---|---|---|---|---|")
+        print("| case | path | local s | remote s | overhead ms per sample | body MB |\n|---|---|---|---|---|---|")
         for case, k, local, t, per, mb in rows:
             print(f"| {case} | {'ours (safetensors)' if k == 'remote' else '/compute (JSON + base64 PNG)'} "
                   f"| {local:.3f} | {t:.3f} | {per:.1f} | {mb:.1f} |")
