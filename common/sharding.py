@@ -328,6 +328,7 @@ def export(adapter, finetune: str, output_dir: str) -> None:
         return
     tmp = os.path.join(output_dir, ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     if finetune == "lora":
         (save_lora(adapter, os.path.join(tmp, "lora"), sd) if sd is not None
          else adapter.save_lora(os.path.join(tmp, "lora")))
