@@ -198,6 +198,7 @@ class Args:
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.basename(__file__)  # recorded in checkpoints: a resume by another algorithm is refused
 GPU = dict(mixed_precision="bf16", gradient_checkpointing=True, latent_storage_dtype="fp16")
 PRESETS = {
     # the embedded default: GRPO-Guard on the shapes world with the rule-checked reward, on a CPU (README)
@@ -294,7 +295,7 @@ def check_args(args, world_size):
                           f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} equal steps")
     resume = checkpoint.resolve(args.resume_from, os.path.join(args.output_dir, "checkpoints")) \
         if args.resume_from else None
-    checkpoint.check_output_dir(args.output_dir, resume, args.overwrite)  # runs never mix
+    checkpoint.check_output_dir(args.output_dir, resume, args.overwrite, SCRIPT)  # runs never mix
     return train, test, groups, paths, resume
 
 
@@ -576,7 +577,7 @@ def main(args: Args):
             accelerator.wait_for_everyone()
             if args.fsdp or accelerator.is_main_process:  # sharded: every rank gathers, rank 0 writes
                 (checkpoint.save_sharded if args.fsdp else checkpoint.save)(os.path.join(args.output_dir, "checkpoints"), global_step, params, optimizer, ema,
-                                meta={"epoch": epoch}, total_limit=args.checkpoints_total_limit,
+                                meta={"epoch": epoch, "script": SCRIPT}, total_limit=args.checkpoints_total_limit,
                                 extra={name: s.state_dict() for name, s in algo_state.items()})
 
     # SHARED: save

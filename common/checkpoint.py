@@ -98,11 +98,17 @@ RUN_OUTPUTS = ("checkpoints", "lora", "transformer", "transformer_2", "samples",
                ".tmp-export")
 
 
-def check_output_dir(output_dir, resume, overwrite):
+def check_output_dir(output_dir, resume, overwrite, script):
     """Before anything is written: runs never share a folder by accident. A fresh run refuses a folder that holds
-    another run's checkpoints unless `overwrite` (then its outputs are removed by clear_run, after every check)."""
+    another run's checkpoints unless `overwrite` (then its outputs are removed by clear_run, after every check); a
+    resume refuses a checkpoint written by another algorithm script (its own state would be ignored)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise CheckpointError(f"--output-dir {output_dir} is a file, not a folder")
+    if resume:
+        with open(os.path.join(resume, "state.json")) as f:
+            other = json.load(f).get("script", script)
+        if other != script:
+            raise CheckpointError(f"--resume-from {resume}: a checkpoint of {other}, not of {script}")
     found = list_checkpoints(os.path.join(output_dir, "checkpoints"))
     if found and not resume and not overwrite:
         raise CheckpointError(f"--output-dir {output_dir} holds another run's checkpoints (newest "

@@ -6,8 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+import grpo
+from common.cli import USER_ERRORS, parse_with_presets
 
 from tests.test_grpo import ENV, ROOT, read_metrics
 
@@ -106,3 +110,15 @@ def test_runs_never_mix(tmp_path):
     _run(out, "--num-epochs", "1", "--overwrite", "--seed", "7")
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-2"]
     assert '"seed": 7' in (out / "config.json").read_text()
+
+
+def test_a_checkpoint_of_another_algorithm_is_refused_before_loading(tmp_path):
+    out = tmp_path / "nft"
+    r = subprocess.run([sys.executable, "nft.py", "--model", "flux1", "--tiny", "--log-with", "none", "--num-epochs", "1",
+                        "--eval-every", "0", "--output-dir", str(out)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--model", "flux1", "--tiny",
+                              "--resume-from", "latest", "--output-dir", str(out)])
+    with pytest.raises(USER_ERRORS, match=r"a checkpoint of nft.py, not of grpo.py"):
+        grpo.check_args(args, 1)
