@@ -314,8 +314,6 @@ def main(args: Args):
         if args.overwrite and not resume:  # every check passed: only now the previous run's outputs go
             checkpoint.clear_run(args.output_dir)
         os.makedirs(args.output_dir, exist_ok=True)
-    if args.log_with != "none":
-        accelerator.init_trackers(args.exp_name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
     storage_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.latent_storage_dtype]
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
 
@@ -362,9 +360,11 @@ def main(args: Args):
         accelerator.print(f"resumed from {resume} at epoch {start_epoch}")
     elif args.resume_from:  # `latest` with no checkpoint yet: the same command starts the run
         accelerator.print(f"--resume-from {args.resume_from}: no checkpoint in {args.output_dir}; starting fresh")
-    if accelerator.is_main_process:  # written once a resume has loaded: a failed one leaves the run's config as it was
+    if accelerator.is_main_process:  # written once the model and a resume have loaded: a failed run leaves no trace
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)
+    if args.log_with != "none":
+        accelerator.init_trackers(args.exp_name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if accelerator.is_main_process and not resume and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed run appends
