@@ -99,3 +99,18 @@ def test_cpu_memory_levers_change_no_number(flags, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         runs.append([{k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))} for m in read_metrics(out)])
     assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+@pytest.mark.parametrize("name", ["flux1", "sd3_5", "wan2_i2v"])
+def test_the_encoders_leave_the_accelerator(name, monkeypatch):
+    """offload_encoders moves every text and image encoder (and only those) to the CPU: recorded moves, since a
+    CPU machine has nothing to move from."""
+    a = models.load(name, tiny=True)
+    moved = []
+    for comp_name, comp in a.pipe.components.items():
+        if isinstance(comp, torch.nn.Module):
+            monkeypatch.setattr(comp, "to", lambda *args, _n=comp_name, **kw: moved.append((_n, args)) or None)
+    a.offload_encoders()
+    want = {n for n, c in a.pipe.components.items()
+            if isinstance(c, torch.nn.Module) and n.startswith(("text_encoder", "image_encoder"))}
+    assert {n for n, _ in moved} == want and all(args == ("cpu",) for _, args in moved) and len(want) >= 1
