@@ -26,10 +26,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import rewards
-from common import checkpoint, conditioning, data, evaluation, models, plan, sampler, sharding, timesteps, tracking
+from common import checkpoint, checks, conditioning, data, evaluation, models, plan, sampler, sharding, timesteps, tracking
 from common.advantages import compute_advantages
-from common.cli import (USER_ERRORS, ConfigError, check_expert_reach, check_sizes, height_width, parse_with_presets,
-                        set_cpu_threads)
+from common.cli import USER_ERRORS, ConfigError, height_width, parse_with_presets, set_cpu_threads
 from common.ema import EMA
 
 
@@ -273,9 +272,7 @@ def awm_log_prob(v, u, sigma, weighting, power=0.25):
 
 
 def check_args(args, world_size):
-    """Everything that can be checked before a model loads."""
-    if args.group_size < 2:
-        raise ConfigError("--group-size must be >= 2 (advantages are relative within a group)")
+    """Everything that can be checked before a model loads: this algorithm's flags, then the run's."""
     lo, hi = args.sde_window_range
     if args.dynamics != "ODE" and not (1 <= args.sde_window_size and 0 <= lo
                                        and lo + args.sde_window_size <= min(hi, args.num_steps)):
@@ -284,30 +281,8 @@ def check_args(args, world_size):
     timesteps.check_config(args.time_sampler, args.num_train_timesteps, args.timestep_range, args.time_shift)
     if args.ghuber_power <= 0:
         raise ConfigError(f"--ghuber-power must be > 0, got {args.ghuber_power}")
-    rewards.check_specs(list(args.reward))
-    paths = dict(p.split("=", 1) for p in args.reward_paths if "=" in p)
-    if len(paths) != len(args.reward_paths):
-        raise ConfigError("--reward-paths entries must be NAME=PATH")
-    adapter_cls = models.adapter_class(args.model, args.variant)
-    check_sizes(args, adapter_cls, world_size)
-    check_expert_reach(args, adapter_cls, sigma_range=(1 - args.timestep_range[1], 1 - args.timestep_range[0]),
-                       time_sampler=args.time_sampler)  # Wan2.2-A14B experts
-    train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir)
-    test_split = "test" if data.split_exists(args.dataset, "test") else "train"
-    test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir)
-    data.check_condition_images(train + test, adapter_cls.condition_images, args.model)
-    data.check_videos(train + test)
-    test = test[:: max(1, len(test) // args.eval_num_prompts)][: args.eval_num_prompts]  # spread over the split
-    groups = data.GroupSampler(len(train), args.prompts_per_epoch, args.group_size, world_size, args.batch_size,
-                               args.seed)
-    nb = groups.num_batches
-    if nb % args.gradient_steps_per_epoch:
-        raise ConfigError(f"{nb} micro-batches per process per epoch do not split into "
-                          f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} equal steps")
-    resume = checkpoint.resolve(args.resume_from, os.path.join(args.output_dir, "checkpoints")) \
-        if args.resume_from else None
-    checkpoint.check_output_dir(args.output_dir, resume, args.overwrite, SCRIPT)  # runs never mix
-    return train, test, groups, paths, resume
+    lo_t, hi_t = args.timestep_range  # Wan2.2-A14B: the experts that the training sigmas reach
+    return checks.check_run(args, world_size, SCRIPT, sigma_range=(1 - hi_t, 1 - lo_t), time_sampler=args.time_sampler)
 
 
 def main(args: Args):
@@ -566,19 +541,9 @@ def main(args: Args):
         anchor.step(global_step - 1)  # decay indexed by the last optimizer step (ALGORITHMS.md F.4)
 
         # SHARED: logging
-        ratios = torch.cat(stats.pop("ratio")).float()
-        record = {"epoch": epoch, "step": global_step, "samples": len(adv_all), "sde_window": window, "lr": optimizer.param_groups[0]["lr"],
-                  "grad_norm": float(grad_norm) if global_step else None}
-        for k, v in raw.items():
-            record[f"reward/{k}_mean"], record[f"reward/{k}_std"] = v.mean().item(), v.std(unbiased=False).item()
-        record.update({"adv/mean": adv_all.mean().item(), "adv/std": adv_all.std(unbiased=False).item(),
-                       "adv/abs_max": adv_all.abs().max().item(), "adv/zero_frac": (adv_all == 0).float().mean().item()})
-        for k, v in stats.items():
-            record[f"train/{k}"] = accelerator.reduce(torch.stack(v).float().mean().to(device), "mean").item()
-        ratio_stats = accelerator.gather(torch.stack([ratios.mean(), ratios.min(), ratios.max()]).to(device)).view(-1, 3)
-        record["train/onpolicy_ratio_dev"] = accelerator.reduce(onpolicy_dev.to(device), "max").item()
-        record.update({"train/ratio_mean": ratio_stats[:, 0].mean().item(), "train/ratio_min": ratio_stats[:, 1].min().item(),
-                       "train/ratio_max": ratio_stats[:, 2].max().item()})
+        record = {"epoch": epoch, "step": global_step, "samples": len(adv_all), "sde_window": window,
+                  "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm) if global_step else None,
+                  **tracking.epoch_stats(accelerator, raw, adv_all, stats, onpolicy_dev)}
         last = epoch == args.num_epochs - 1
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
             with timer("eval"):
@@ -587,11 +552,7 @@ def main(args: Args):
         record.update(timer.pop())
         record.update(tracking.peak_memory_gb(device))
         if accelerator.is_main_process:
-            tracking.append_jsonl(metrics_path, record)
-            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch)
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"  # above the progress bars
-                                for k, v in record.items() if k.startswith(("epoch", "reward/", "train/loss", "eval/",
-                                                                             "time/"))))
+            tracking.log_epoch(accelerator, metrics_path, record)
 
         # SHARED: checkpoint
         if (epoch + 1) % args.save_every == 0 or last:

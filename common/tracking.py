@@ -48,6 +48,36 @@ def keep_epochs_before(path, epoch: int):
     os.replace(path + ".tmp", path)
 
 
+def epoch_stats(accelerator, raw: dict, adv, stats: dict, onpolicy_dev) -> dict:
+    """An epoch's metrics.jsonl keys, reduced over processes: reward means/stds (raw scores, gathered), advantages,
+    the mean of every training statistic, the ratio's mean/min/max and the on-policy ratio deviation."""
+    device = accelerator.device
+    stats = dict(stats)
+    ratios = torch.cat(stats.pop("ratio")).float()
+    out = {}
+    for k, v in raw.items():
+        out[f"reward/{k}_mean"], out[f"reward/{k}_std"] = v.mean().item(), v.std(unbiased=False).item()
+    out.update({"adv/mean": adv.mean().item(), "adv/std": adv.std(unbiased=False).item(),
+                "adv/abs_max": adv.abs().max().item(), "adv/zero_frac": (adv == 0).float().mean().item()})
+    for k, v in stats.items():
+        out[f"train/{k}"] = accelerator.reduce(torch.stack(v).float().mean().to(device), "mean").item()
+    ratio_stats = accelerator.gather(torch.stack([ratios.mean(), ratios.min(), ratios.max()]).to(device)).view(-1, 3)
+    out["train/onpolicy_ratio_dev"] = accelerator.reduce(onpolicy_dev.to(device), "max").item()
+    out.update({"train/ratio_mean": ratio_stats[:, 0].mean().item(), "train/ratio_min": ratio_stats[:, 1].min().item(),
+                "train/ratio_max": ratio_stats[:, 2].max().item()})
+    return out
+
+
+def log_epoch(accelerator, metrics_path, record: dict):
+    """Main process: append the record to metrics.jsonl, send its numbers to the trackers, print its headline keys
+    above the progress bars."""
+    from tqdm.auto import tqdm
+    append_jsonl(metrics_path, record)
+    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["epoch"])
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                        if k.startswith(("epoch", "reward/", "train/loss", "eval/", "time/"))))
+
+
 def append_jsonl(path, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
