@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 import rewards
 from common import checkpoint, checks, conditioning, data, evaluation, models, plan, sampler, sharding, timesteps, tracking
 from common.advantages import compute_advantages
-from common.cli import USER_ERRORS, ConfigError, height_width, parse_with_presets, set_cpu_threads
+from common.cli import ConfigError, errors_as_one_line, height_width, parse_with_presets, set_cpu_threads
 from common.ema import EMA
 
 
@@ -302,10 +301,6 @@ def main(args: Args):
     if device.type == "cpu":
         set_cpu_threads(world)
     set_seed(args.seed, device_specific=True)
-    if accelerator.is_main_process:
-        if args.overwrite and not resume:  # every check passed: only now the previous run's outputs go
-            checkpoint.clear_run(args.output_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
     storage_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.latent_storage_dtype]
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
 
@@ -336,6 +331,7 @@ def main(args: Args):
     params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     reward_set = rewards.load_rewards(list(args.reward), reward_paths, device=device,
                                       frame_stride=args.reward_frame_stride)
+    checks.check_rewards(reward_set, adapter, args, train_items)  # a broken reward stops here, before any write
 
     # SHARED: optimizer, EMA, resume
     optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -352,7 +348,10 @@ def main(args: Args):
         accelerator.print(f"resumed from {resume} at epoch {start_epoch}")
     elif args.resume_from:  # `latest` with no checkpoint yet: the same command starts the run
         accelerator.print(f"--resume-from {args.resume_from}: no checkpoint in {args.output_dir}; starting fresh")
-    if accelerator.is_main_process:  # written once the model and a resume have loaded: a failed run leaves no trace
+    if accelerator.is_main_process:  # the folder is touched only once the model and a resume have loaded
+        if args.overwrite and not resume:  # every check passed and the model loaded: only now the old outputs go
+            checkpoint.clear_run(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)
     if args.log_with != "none":
@@ -571,15 +570,13 @@ def main(args: Args):
                                   base_images + final_images, ["base"] * len(base_images)
                                   + ["trained"] * len(final_images), args.num_epochs)
         accelerator.print(tracking.run_summary(metrics_path))  # the result, as the last lines: trained vs base
-    accelerator.end_training()
+    sharding.end_run(accelerator)  # end_training(); several processes: all exit here, none hangs in teardown
 
 
 if __name__ == "__main__":
     cli_args = parse_with_presets(Args, PRESETS, TINY_PRESETS)
-    try:
+    with errors_as_one_line():  # a user error: one line (once per machine under accelerate launch), exit code 1
         if cli_args.plan:  # the memory plan, built on the meta device: no weight loads
             print(plan.run_plan(cli_args))
         else:
             main(cli_args)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")

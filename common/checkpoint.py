@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -104,6 +105,7 @@ def check_output_dir(output_dir, resume, overwrite, script):
     resume refuses a checkpoint written by another algorithm script (its own state would be ignored)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise CheckpointError(f"--output-dir {output_dir} is a file, not a folder")
+    _check_writable(output_dir)
     if resume:
         with open(os.path.join(resume, "state.json")) as f:
             other = json.load(f).get("script", script)
@@ -114,6 +116,20 @@ def check_output_dir(output_dir, resume, overwrite, script):
         raise CheckpointError(f"--output-dir {output_dir} holds another run's checkpoints (newest "
                               f"{os.path.basename(found[-1])}): resume it with --resume-from latest, pass --overwrite "
                               "to replace it, or choose another --output-dir")
+
+
+def _check_writable(output_dir):
+    """One line now rather than a traceback at the first save: a probe file is created and removed in the folder
+    (in its nearest existing parent when it does not exist yet, so a fresh run leaves nothing)."""
+    where = os.path.abspath(output_dir)
+    while not os.path.isdir(where):
+        where = os.path.dirname(where)
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"--output-dir {output_dir}: cannot write in {where} ({e.strerror})") from None
 
 
 def clear_run(output_dir):

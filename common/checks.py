@@ -6,6 +6,7 @@ import os
 import rewards
 from common import checkpoint, data, models
 from common.cli import ConfigError, check_expert_reach, check_sizes
+from common.models.base import is_local_path
 
 
 def check_run(args, world_size, script, **reach):
@@ -17,6 +18,8 @@ def check_run(args, world_size, script, **reach):
     paths = dict(p.split("=", 1) for p in args.reward_paths if "=" in p)
     if len(paths) != len(args.reward_paths):
         raise ConfigError("--reward-paths entries must be NAME=PATH")
+    if args.model_path and is_local_path(args.model_path) and not os.path.isdir(args.model_path):
+        raise ConfigError(f"--model-path {args.model_path} is not a folder")  # a hub id (owner/name) loads later
     adapter_cls = models.adapter_class(args.model, args.variant)
     check_sizes(args, adapter_cls, world_size)
     check_expert_reach(args, adapter_cls, **reach)
@@ -35,3 +38,15 @@ def check_run(args, world_size, script, **reach):
         if args.resume_from else None
     checkpoint.check_output_dir(args.output_dir, resume, args.overwrite, script)  # runs never mix
     return train, test, groups, paths, resume
+
+
+def check_rewards(reward_set, adapter, args, items):
+    """Score two mid-gray samples of the training size (videos: of its frame count) with the first rows' prompts
+    and metadata, once, before anything is written: a reward that raises, returns None or the wrong shape stops the
+    run now, in one line naming it, not after the first rollout."""
+    import torch
+    from common.cli import height_width
+    rows = (items * 2)[:2]
+    h, w = height_width(args.resolution)
+    shape = (len(rows), args.num_frames, 3, h, w) if adapter.video else (len(rows), 3, h, w)
+    reward_set.score(torch.full(shape, 0.5), [it.prompt for it in rows], data.reward_metadata(rows))

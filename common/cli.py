@@ -4,9 +4,11 @@ A pre-parser reads only --model and --tiny, then tyro parses everything against 
 defaults, so `--help` shows the defaults that will really be used.
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
+import time
 
 import tyro
 
@@ -151,3 +153,49 @@ def check_expert_reach(args, adapter_cls, steps=None, sigma_range=None, time_sam
 
 
 USER_ERRORS = _user_errors()
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _peer_lost(e) -> bool:
+    """A collective failed because another process stopped (gloo: the peer closed its connection)."""
+    import torch.distributed as dist
+    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and "closed by peer" in str(e)
+
+
+def _clear_bars():
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
+@contextlib.contextmanager
+def errors_as_one_line(grace_seconds=5.0):
+    """Around a script's main(): a user error (USER_ERRORS) becomes `error: ...` on stderr, exit code 1, no
+    traceback. Under `accelerate launch` (WORLD_SIZE > 1) every process meets the same error (the checks are the
+    same on every rank), so local rank 0 prints it and the others wait `grace_seconds` first: the launcher stops
+    them as soon as rank 0 has exited, so the line is printed once per machine; an error of one rank alone (a reward
+    raising on its own rows) is printed by that rank after the wait, and the processes whose collectives then fail
+    for want of it exit quietly (their traceback would only say a peer left). Launched processes end without
+    Python's teardown (os._exit; sharding.end_run says why)."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if not _launched():
+            _clear_bars()
+            sys.exit(f"error: {e}")
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            time.sleep(grace_seconds)
+        _clear_bars()
+        sys.stdout.flush()
+        print(f"\nerror: {e}", file=sys.stderr, flush=True)  # on its own line, after another rank's progress bar
+        os._exit(1)
+    except Exception as e:
+        if _launched() and _peer_lost(e):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        raise

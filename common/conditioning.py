@@ -12,6 +12,7 @@ size it was encoded for (image-to-video conditions depend on it).
 import torch
 
 from common.cli import ConfigError, height_width
+from common.models.base import pad_cat
 
 
 def _key(item, state):
@@ -28,10 +29,6 @@ def _available_bytes():
     except OSError:
         pass
     return None
-
-
-def _pad_to(x, length):
-    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]])
 
 
 class ConditionCache:
@@ -73,14 +70,11 @@ class ConditionCache:
             rows.append(self.rows[key])
         out = {}
         for k, first in rows[0].items():
-            if not torch.is_tensor(first):  # batch-level facts (e.g. condition image shapes), the same in every row
+            if not torch.is_tensor(first):  # batch-level facts, the same in every row
                 out[k] = first
                 continue
-            vals = [r[k] for r in rows]
-            if first.dim() >= 2 and len({v.shape[1] for v in vals}) > 1:  # per-prompt lengths: pad to the longest
-                n = max(v.shape[1] for v in vals)
-                vals = [_pad_to(v, n) for v in vals]
-            out[k] = torch.cat(vals).to(device)
+            vals = [r[k] for r in rows]  # per-prompt lengths (dim 1): zero-padded to the longest
+            out[k] = (pad_cat(vals) if first.dim() >= 2 else torch.cat(vals)).to(device)
         return out
 
     def summary(self, seconds):
@@ -99,8 +93,8 @@ def rows_seen(group_sampler, train_items, rank, epochs):
 def encode_once(encode, adapter, args, group_sampler, train_items, test_items, rank, world, epochs) -> ConditionCache:
     """The cache of a run (--encode-once): this rank's train rows of `epochs` at the training size and its evaluation
     rows at the evaluation size, encoded by the script's `encode(items, state)`; then the adapter's text and image
-    encoders move off the accelerator. Condition-image models encode one row per call (their batches must share
-    condition sizes; one row always does)."""
+    encoders move off the accelerator. Condition-image models encode one row per call (the pipelines encode
+    their images one per call, so a cached row does not depend on the rows it was encoded with)."""
     from common.evaluation import rank_rows
     cache = ConditionCache(encode, args.batch_size if adapter.condition_images == "none" else 1)
     cache.fill(rows_seen(group_sampler, train_items, rank, epochs),

@@ -22,6 +22,7 @@ API (every function marked COLLECTIVE must be called by every rank, in the same 
     load_full_optimizer_state_dict(optimizer, osd)   every rank passes the full dict; no communication
     save_lora(adapter, out_dir, sd) / save_full(adapter, out_dir, sd)   rank 0 only: the adapter's diffusers exports
                                                from a gathered full_state_dict
+    end_run(accelerator)                    the last call of a run: every process exits, none hangs (COLLECTIVE)
 and in common/checkpoint.py: save_sharded(...) / load_sharded(...) (same arguments as save / load, all ranks).
 
 What gets wrapped. Each diffusers model inside `module` (the module itself, or each registered expert of Wan2.2's
@@ -87,6 +88,8 @@ forward fails in Wan's unpatchify reshape). Rollouts are symmetric already (ever
 The gathers (gather_full, full_state_dict, full_optimizer_state_dict, save_sharded) are collectives too; never call
 them under `if accelerator.is_main_process`.
 """
+import os
+import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 
@@ -382,3 +385,24 @@ def save_full(adapter, out_dir: str, sd: dict) -> None:
             net.save_pretrained(os.path.join(out_dir, comp))
         finally:
             del net.state_dict
+
+
+
+def end_run(accelerator):
+    """The last call of a run, in place of accelerator.end_training() (COLLECTIVE). One process: end_training().
+    Several: a barrier, the trackers finish, and every process exits at once with code 0, skipping the process
+    group's teardown. Why: freeing DDP's reducer or the process group (in end_training's destroy_process_group, or
+    at interpreter exit) joins gloo's worker threads while holding the GIL, and a worker still releasing the last
+    collective's work needs the GIL to free that work's tensors: a deadlock at exit, seen in 1 of 30 2-process CPU
+    launches (py-spy: the main thread in ~ProcessGroupGloo -> std::thread::join, the worker in ~AsyncWork ->
+    gil_scoped_acquire; bench/launch_exits.py). gloo has no shutdown that joins its workers first. Everything of
+    the run is written and closed before this call; stdout and stderr are flushed."""
+    if accelerator.num_processes <= 1:
+        accelerator.end_training()
+        return
+    accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

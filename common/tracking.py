@@ -76,6 +76,9 @@ def log_epoch(accelerator, metrics_path, record: dict):
     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["epoch"])
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                         if k.startswith(("epoch", "reward/", "train/loss", "eval/", "time/"))))
+    if record.get("adv/zero_frac") == 1.0:  # e.g. a constant reward: training runs on, learning nothing
+        tqdm.write(f"warning: epoch {record['epoch']}: every advantage is 0 (the rewards scored all samples of each "
+                   "group alike), so this epoch's update carries no reward signal; check the reward")
 
 
 def append_jsonl(path, record: dict):

@@ -136,7 +136,10 @@ class RewardSet:
             x = images[:, ::self.frame_strides[name]] if images.dim() == 5 else images
             try:
                 with self._locks[name], torch.no_grad():
-                    s = torch.as_tensor(self.rewards[name](x, prompts, metadata)).detach().float().cpu()
+                    s = self.rewards[name](x, prompts, metadata)
+                if s is None:
+                    raise RewardError(f"reward {name!r} returned None; a reward returns one score per image ({B},)")
+                s = torch.as_tensor(s).detach().float().cpu()
             except RewardError:
                 raise
             except Exception as e:  # a custom reward's own failure (or None returned): one line naming it

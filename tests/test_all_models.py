@@ -126,5 +126,6 @@ def test_condition_images_reach_the_rewards(tmp_path):
     grpo.main(args)
     rows = [json.loads(line) for line in open(f"{ROOT}/datasets/demo-edit/train.jsonl")]
     want = {f"{ROOT}/datasets/demo-edit/images/{r['image']}" for r in rows}
-    assert len(SEEN_BY_REWARD) == 16 and all(len(p) == 1 for p in SEEN_BY_REWARD)  # 4 prompts x 4 images
+    # the reward check before the run (2 gray samples of the first rows), then 4 prompts x 4 images
+    assert len(SEEN_BY_REWARD) == 2 + 16 and all(len(p) == 1 for p in SEEN_BY_REWARD)
     assert {p[0] for p in SEEN_BY_REWARD} <= want

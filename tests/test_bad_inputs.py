@@ -1,6 +1,8 @@
 """Bad input, table-driven (in-process, tiny FLUX.1): each stops with one user-facing error line naming the problem,
 and writes nothing (the output folder stays absent); the exit code and the `error:` line of the real command line
 are covered by tests/test_grpo.py::test_cli_error_is_one_line_and_nonzero."""
+from pathlib import Path
+
 import pytest
 
 import grpo
@@ -16,6 +18,10 @@ class RaisingReward:
 
 def none_reward(images, prompts, metadata):
     return None
+
+
+def constant_reward(images, prompts, metadata):
+    return images.new_ones(len(images))
 
 
 CASES = [
@@ -36,7 +42,8 @@ CASES = [
     (["--fsdp"], "--fsdp shards over processes"),
     (["--reward", "tests.test_bad_inputs.RaisingReward"],
      "reward 'tests.test_bad_inputs.RaisingReward' failed: ZeroDivisionError: my reward divided by zero"),
-    (["--reward", "tests.test_bad_inputs.none_reward"], "reward 'tests.test_bad_inputs.none_reward' failed: "),
+    (["--reward", "tests.test_bad_inputs.none_reward"], "reward 'tests.test_bad_inputs.none_reward' returned None"),
+    (["--model-path", "/nonexistent/flux"], "--model-path /nonexistent/flux is not a folder"),
 ]
 
 
@@ -48,8 +55,7 @@ def test_bad_input_is_one_line_and_writes_nothing(extra, match, tmp_path):
     with pytest.raises(USER_ERRORS, match=match) as e:
         grpo.main(args)
     assert "\n" not in str(e.value)
-    if "reward" not in " ".join(extra):  # a failing reward stops after loading: checked before that, nothing is written
-        assert not out.exists()
+    assert not out.exists()  # a failing reward too: it scores two gray samples before anything is written
 
 
 def test_output_dir_that_is_a_file_and_dataset_that_is_a_file(tmp_path):
@@ -64,3 +70,36 @@ def test_output_dir_that_is_a_file_and_dataset_that_is_a_file(tmp_path):
 def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
     (tmp_path / "train.txt").write_bytes("\ufeffa red cube\na blue ball\n".encode("utf-8"))
     assert [it.prompt for it in load_split(str(tmp_path))] == ["a red cube", "a blue ball"]
+
+
+def _read_only_folder(tmp_path):
+    """A folder this process cannot write in: chmod where that binds (not root), else sysfs (root too)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    try:
+        (d / "probe").write_text("x")
+    except OSError:
+        return d
+    (d / "probe").unlink()
+    return Path("/sys/kernel")
+
+
+def test_read_only_output_folder_is_one_line_fresh_and_on_resume(tmp_path):
+    ro = _read_only_folder(tmp_path)
+    for out, extra in ((ro / "run", []), (ro, ["--resume-from", "latest"])):  # cannot be created; exists read-only
+        args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--model", "flux1", "--tiny",
+                                  "--log-with", "none", "--output-dir", str(out), *extra])
+        with pytest.raises(USER_ERRORS, match="--output-dir .*: cannot write in ") as e:
+            grpo.main(args)
+        assert "\n" not in str(e.value)
+    assert not (ro / "run").exists()
+
+
+def test_a_constant_reward_warns_of_zero_advantages(tmp_path, capsys):
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, [
+        "--model", "flux1", "--tiny", "--log-with", "none", "--num-epochs", "1", "--eval-every", "0",
+        "--output-dir", str(tmp_path / "out"), "--reward", "tests.test_bad_inputs.constant_reward"])
+    grpo.main(args)
+    out = capsys.readouterr().out
+    assert "warning: epoch 0: every advantage is 0" in out

@@ -74,19 +74,14 @@ def test_default_condition_size_is_the_pipeline_bucket(kontext_default, monkeypa
 
 def test_condition_layout(kontext):
     cond = kontext.encode_prompt(["a cat"] * 2, max_sequence_length=32, images=[[_image(200, 100)]] * 2)
-    # aspect 2.02 bucket 1456x720, capped to 4096 px: 80x32 -> 5x2 packed tokens, ids [1, row, col]
-    assert cond["cond_latents"].shape == (2, 10, 64) and cond["cond_ids"].shape == (2, 10, 3)
-    ids = cond["cond_ids"][0]
-    assert (ids[:, 0] == 1).all() and ids[:, 1].max() == 1 and ids[:, 2].max() == 4
-    area = (ids[:, 1].max() + 1) * (ids[:, 2].max() + 1) * 16 * 16
-    assert area <= kontext.condition_max_pixels
+    # aspect 2.02 bucket 1456x720, capped to 4096 px: 80x32 -> 5x2 packed tokens (2 rows, 5 columns)
+    assert cond["image_latents"].shape == (2, 10, 64) and cond["image_grids"].tolist() == [[[2, 5]]] * 2
+    assert 2 * 5 * 16 * 16 <= kontext.condition_max_pixels
     picked = kontext.select(cond, [1])
-    assert picked["cond_latents"].shape == (1, 10, 64) and picked["cond_ids"].shape == (1, 10, 3)
+    assert picked["image_latents"].shape == (1, 10, 64) and picked["image_grids"].shape == (1, 1, 2)
 
 
 def test_condition_images_checked(kontext):
-    with pytest.raises(ModelError, match="different sizes"):
-        kontext.encode_prompt(["a", "b"], max_sequence_length=32, images=[[_image(64, 64)], [_image(96, 64)]])
     with pytest.raises(ModelError, match="exactly one condition image"):
         kontext.encode_prompt(["a"], max_sequence_length=32)
     with pytest.raises(ModelError, match="exactly one condition image"):

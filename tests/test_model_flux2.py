@@ -100,13 +100,8 @@ def test_lora_targets_checked():
 def test_condition_images(adapters):
     a = adapters("flux2-klein", "4b")
     cond = a.encode_prompt(PROMPTS, max_sequence_length=64, images=[REFS, REFS])
-    # 80x64 -> 5x4 tokens (t = 10), 64x64 -> 4x4 tokens (t = 20), shared by the batch
-    assert cond["image_latents"].shape == (2, 36, 128) and cond["image_ids"].shape == (2, 36, 4)
-    assert cond["image_ids"][0, :, 0].unique().tolist() == [10, 20]
-    with pytest.raises(ModelError, match="different sizes"):  # ragged: other aspect in one batch
-        a.encode_prompt(PROMPTS, max_sequence_length=64, images=[[REFS[0]], [REFS[1]]])
-    with pytest.raises(ModelError, match="different sizes"):  # ragged: images for one sample only
-        a.encode_prompt(PROMPTS, max_sequence_length=64, images=[[REFS[1]], []])
+    # 80x64 -> 5x4 tokens, 64x64 -> 4x4 tokens, the same for both rows
+    assert cond["image_latents"].shape == (2, 36, 128) and cond["image_grids"].tolist() == [[[5, 4], [4, 4]]] * 2
 
 
 def test_condition_max_pixels_caps_the_area():
@@ -114,5 +109,5 @@ def test_condition_max_pixels_caps_the_area():
     cond = a.encode_prompt(["a"], max_sequence_length=64, images=[[_image(96, 128, 2)]])
     # 128x96 -> area 64^2 (73x55) -> multiples of 16: 64x48 = 4x3 tokens
     assert cond["image_latents"].shape == (1, 12, 128)
-    assert cond["image_ids"][0].amax(0).tolist() == [10, 2, 3, 0]
+    assert cond["image_grids"].tolist() == [[[3, 4]]]
     assert models.adapter_class("flux2-klein").default_condition_max_pixels == 1024 * 1024

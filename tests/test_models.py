@@ -53,3 +53,22 @@ def test_unknown_model_and_bad_path():
         models.load("sdxl")
     with pytest.raises(ModelError, match="not a folder"):
         models.load("flux1", path="/nonexistent/flux")
+
+
+def test_hub_ids_reach_from_pretrained_and_missing_folders_are_one_line(monkeypatch):
+    from common.models.base import is_local_path
+    assert not is_local_path("black-forest-labs/FLUX.1-dev") and not is_local_path("Qwen/Qwen-Image")
+    assert all(is_local_path(p) for p in ("/data/flux", "./flux", "../flux", "~/flux", "runs/a/b", "flux"))
+    seen = []
+
+    def from_pretrained(path, **kw):  # stands in for the download: record what the loader asked for
+        seen.append(path)
+        raise OSError("offline")
+
+    cls = models.adapter_class("flux1")
+    monkeypatch.setattr(cls.pipeline_cls, "from_pretrained", from_pretrained)
+    with pytest.raises(ModelError, match="cannot load flux1 from 'black-forest-labs/FLUX.1-dev': offline"):
+        models.load("flux1")
+    assert seen == ["black-forest-labs/FLUX.1-dev"]
+    with pytest.raises(ModelError, match="--model-path /no/such/folder is not a folder"):
+        models.load("flux1", "/no/such/folder")

@@ -152,9 +152,12 @@ def test_pretrain_script_bad_stage_order_is_one_line(tmp_path):
     """A stage run alone without the previous stage's output stops with one line, before any work."""
     import subprocess
     import sys
-    for extra in (["--stage", "anneal"], ["--stage", "flow"], ["--anneal-steps", "100"]):
-        p = subprocess.run([sys.executable, "scripts/pretrain_shapes.py", "--work", str(tmp_path / "w"), *extra],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-        lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-        assert p.returncode == 1 and len(lines) == 1, (extra, p.stderr[-500:])
-        assert not (tmp_path / "w").exists()  # nothing written
+    cases = (["--stage", "anneal"], ["--stage", "flow"], ["--anneal-steps", "100"])
+    procs = [subprocess.Popen([sys.executable, "scripts/pretrain_shapes.py", "--work", str(tmp_path / "w"), *extra],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for extra in cases]  # at once: each is only the start-up and its check
+    for extra, p in zip(cases, procs):
+        _, err = p.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert p.returncode == 1 and len(lines) == 1, (extra, err[-500:])
+    assert not (tmp_path / "w").exists()  # nothing written

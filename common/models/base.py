@@ -19,6 +19,23 @@ class ModelError(ValueError):
     """One clear line about a model path, LoRA target or model option."""
 
 
+def is_local_path(path) -> bool:
+    """A folder path rather than a hub id (exactly `owner/name`): absolute, ./ ../ ~, or not one `/`."""
+    path = str(path)
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1 or os.path.exists(path)
+
+
+def pad_to(x, length):
+    """Zero-pad dim 1 of a batch-first tensor (tokens of an embedding, a mask, condition tokens) to `length`."""
+    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]])
+
+
+def pad_cat(tensors):
+    """Batch-first tensors whose dim 1 differs (per-row token counts): zero-padded to the longest, concatenated."""
+    n = max(t.shape[1] for t in tensors)
+    return torch.cat([pad_to(t, n) for t in tensors])
+
+
 class Adapter:
     name = "base"
     pipeline_cls = None            # diffusers pipeline class (save_lora_weights, from_pretrained)
@@ -64,7 +81,7 @@ class Adapter:
         if tiny:
             return cls(cls.build_tiny(variant) if cls.variants else cls.build_tiny(), device, dtype, **kw)
         path = path or cls.variants.get(variant, cls.hub_id)
-        if os.path.sep in str(path) and not os.path.isdir(path):
+        if is_local_path(path) and not os.path.isdir(path):
             raise ModelError(f"--model-path {path} is not a folder")
         try:
             pipe = cls.pipeline_cls.from_pretrained(path, dtype=dtype)
@@ -163,6 +180,30 @@ class Adapter:
         if custom_sigmas is None:
             custom_sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         return self.scheduler_sigmas(num_steps, custom_sigmas, mu)
+
+    def per_condition_layout(self, z, sigma, cond, forward):
+        """Condition images of mixed sizes in one batch: `cond["image_latents"]` (B, L, C) holds each row's
+        condition tokens zero-padded to the batch's longest and `cond["image_grids"]` (B, M, 2) the (rows, cols)
+        token grid of each of its images (zero rows pad samples with fewer images). The transformer takes one
+        position layout per call, so `forward(z, sigma, cond, layout)` runs once per group of rows that share a
+        layout (a tuple of grids), with the condition tokens cut to that layout's count (and per-row sigmas to its
+        rows); rows come back in their order. A batch of one layout (one aspect ratio) is one forward, as before."""
+        if "image_grids" not in cond:
+            return forward(z, sigma, cond, ())
+        rows_layout = [tuple((h, w) for h, w in row if h) for row in cond["image_grids"].tolist()]
+        layouts = list(dict.fromkeys(rows_layout))
+        if len(layouts) == 1:
+            n = sum(h * w for h, w in layouts[0])
+            return forward(z, sigma, {**cond, "image_latents": cond["image_latents"][:, :n]}, layouts[0])
+        outs, order = [], []
+        for layout in layouts:
+            rows = [i for i, lay in enumerate(rows_layout) if lay == layout]
+            sub = self.select(cond, torch.tensor(rows))
+            sub["image_latents"] = sub["image_latents"][:, :sum(h * w for h, w in layout)]
+            s = sigma[rows] if torch.is_tensor(sigma) and sigma.dim() and len(sigma) == len(z) else sigma
+            outs.append(forward(z[rows], s, sub, layout))
+            order += rows
+        return torch.cat(outs)[torch.argsort(torch.tensor(order))]
 
     @staticmethod
     def select(cond: dict, index) -> dict:

@@ -17,7 +17,7 @@ import torch
 from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-from common.models.base import ModelError
+from common.models.base import ModelError, pad_cat
 from common.models.flux1 import Flux1Adapter
 
 BUCKET_AREA = 1024 * 1024  # the nominal area of PREFERRED_KONTEXT_RESOLUTIONS
@@ -57,29 +57,27 @@ class Flux1KontextAdapter(Flux1Adapter):
         keys = [self.image_key(im[0]) for im in images]
         uniq = list(dict.fromkeys(keys))
         first = [images[keys.index(k)][0] for k in uniq]
-        sizes = sorted({self.condition_size(im) for im in first})
-        if len(sizes) > 1:
-            shown = ", ".join(f"{w}x{h}" for h, w in sizes)
-            raise ModelError(f"{self.name}: the condition images of one batch resize to different sizes ({shown}); "
-                             "ragged batches are not supported, batch images of one aspect ratio together")
-        (h, w), proc = sizes[0], self.pipe.image_processor
+        proc = self.pipe.image_processor
         # one image per VAE call, as the pipeline encodes its one image: a row's latents then do not depend on the
-        # batch it was encoded in (batched convolutions differ in the last bits), so prompts encoded once are exact
-        lat = torch.cat([self.pipe._encode_vae_image(proc.preprocess(im, h, w).to(self.device, self.dtype),
-                                                     generator=None) for im in first])  # posterior mode, normalized
-        u, c, lh, lw = lat.shape
-        lat = self.pipe._pack_latents(lat, u, c, lh, lw)
-        idx = torch.tensor([uniq.index(k) for k in keys], device=self.device)
-        ids = self.pipe._prepare_latent_image_ids(1, lh // 2, lw // 2, self.device, self.dtype)
-        ids[:, 0] = 1  # first id channel tells condition tokens from target tokens
-        cond["cond_latents"] = lat[idx]
-        cond["cond_ids"] = ids.expand(len(prompts), -1, -1)  # batch-first for select(); every row is equal
+        # batch it was encoded in (batched convolutions differ in the last bits), so prompts encoded once are exact.
+        # Images of other aspect ratios resize to other buckets: padded rows, one forward per size (predict)
+        lats = [self.pipe._encode_vae_image(proc.preprocess(im, *self.condition_size(im)).to(self.device, self.dtype),
+                                            generator=None) for im in first]  # posterior mode, normalized
+        packed = [self.pipe._pack_latents(lat, *lat.shape) for lat in lats]
+        grids = torch.tensor([[[lat.shape[2] // 2, lat.shape[3] // 2]] for lat in lats])
+        idx = torch.tensor([uniq.index(k) for k in keys])
+        cond["image_latents"] = pad_cat(packed)[idx.to(self.device)]
+        cond["image_grids"] = grids[idx]  # (B, 1, 2): the (rows, cols) of each row's packed condition tokens
         return cond
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         # the condition tokens follow the noisy ones (the same for both CFG passes); CFG is per token, so
         # cutting the output back to the target tokens after FLUX.1's predict equals the pipeline's order
-        n = z.shape[1]
-        x = torch.cat([z, cond["cond_latents"].to(z.dtype)], dim=1)
-        ids = torch.cat([state["img_ids"], cond["cond_ids"][0]])  # 2-D ids: the transformer uses one layout
-        return super().predict(x, sigma, cond, {**state, "img_ids": ids}, guidance_scale, true_cfg_scale)[:, :n]
+        def forward(z, sigma, cond, layout):
+            (rows, cols), n = layout[0], z.shape[1]
+            ids = self.pipe._prepare_latent_image_ids(1, rows, cols, self.device, self.dtype)
+            ids[:, 0] = 1  # the first id channel tells condition tokens from target tokens
+            x = torch.cat([z, cond["image_latents"].to(z.dtype)], dim=1)
+            return super(Flux1KontextAdapter, self).predict(x, sigma, cond, {**state, "img_ids": torch.cat(
+                [state["img_ids"], ids])}, guidance_scale, true_cfg_scale)[:, :n]
+        return self.per_condition_layout(z, sigma, cond, forward)

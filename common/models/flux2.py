@@ -22,7 +22,7 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
 from common.models import tiny_parts
-from common.models.base import Adapter, ModelError
+from common.models.base import Adapter, ModelError, pad_cat
 from common.models.z_image import QWEN3_4B
 
 # FLUX.2's scheduler_config.json (FLUX.1-dev's values); mu is passed explicitly, so base/max shift are unused
@@ -139,7 +139,7 @@ class Flux2Adapter(Adapter):
         cond = {"prompt_embeds": encode(list(prompts))}
         if negative_prompts is not None and self._true_cfg_model:  # FLUX.2-dev and distilled klein never use them
             cond["neg_prompt_embeds"] = encode([n or "" for n in negative_prompts])
-        if images is not None and any(images):
+        if images is not None:
             if len(images) != len(prompts):
                 raise ModelError(f"{self.name}: {len(images)} condition-image lists for {len(prompts)} prompts")
             cond.update(self._encode_images(images))
@@ -171,14 +171,13 @@ class Flux2Adapter(Adapter):
                     cache[key] = self._encode_image(img)
                 row.append(cache[key])
             rows.append(row)
-        f = self.pipe.vae_scale_factor * 2
-        sizes = [", ".join(f"{lat.shape[3] * f}x{lat.shape[2] * f}" for lat in row) or "none" for row in rows]
-        if len(set(sizes)) > 1:  # the transformer takes one id layout per batch
-            raise ModelError(f"{self.name}: the condition images of one batch resize to different sizes "
-                             f"({' vs '.join(dict.fromkeys(sizes))}); ragged batches are not supported")
-        ids = torch.cat([_ids(10 * (j + 1), lat.shape[2], lat.shape[3], 1) for j, lat in enumerate(rows[0])])
-        tokens = torch.stack([torch.cat([self.pipe._pack_latents(lat)[0] for lat in row]) for row in rows])
-        return {"image_latents": tokens, "image_ids": ids.to(self.device).expand(len(rows), -1, -1)}
+        # rows whose references differ in count or size: zero-padded, one forward per layout (predict)
+        tokens = [torch.cat([self.pipe._pack_latents(lat) for lat in row], dim=1) if row else
+                  torch.zeros(1, 0, self.config.in_channels, device=self.device, dtype=self.pipe.vae.dtype)
+                  for row in rows]
+        grids = [torch.tensor([[lat.shape[2], lat.shape[3]] for lat in row], dtype=torch.long).view(1, -1, 2)
+                 for row in rows]  # (rows, cols) of each reference's tokens
+        return {"image_latents": pad_cat(tokens), "image_grids": pad_cat(grids)}
 
     def _latent_hw(self, height, width):
         h, w = super()._latent_hw(height, width)
@@ -201,12 +200,18 @@ class Flux2Adapter(Adapter):
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         """true_cfg_scale is unused: neither FLUX.2 pipeline has one (klein base's CFG scale is guidance_scale)."""
+        return self.per_condition_layout(z, sigma, cond, lambda z, sigma, cond, layout: self._forward(
+            z, sigma, cond, state, layout, guidance_scale))
+
+    def _forward(self, z, sigma, cond, state, layout, guidance_scale):
+        """predict for rows whose reference images share `layout` ((rows, cols) per image; () for none)."""
         n, length = z.shape[:2]
         t = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(n) * 1000
         emb, x, img_ids = cond["prompt_embeds"], z.to(self.dtype), state["img_ids"]
-        if "image_latents" in cond:  # reference tokens after the target tokens
+        if layout:  # reference tokens after the target tokens, reference j at time offset 10 (j + 1)
             x = torch.cat([x, cond["image_latents"].to(self.dtype)], dim=1)
-            img_ids = torch.cat([img_ids, cond["image_ids"][0]])
+            img_ids = torch.cat([img_ids, *[_ids(10 * (j + 1), h, w, 1).to(img_ids.device)
+                                            for j, (h, w) in enumerate(layout)]])
         cfg = self._true_cfg_model and guidance_scale > 1 and "neg_prompt_embeds" in cond
         if cfg:  # one batched forward for [negative, positive]
             x, t, emb = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond["neg_prompt_embeds"], emb])

@@ -22,7 +22,6 @@ does not truncate its text embeddings, so `max_sequence_length` is unused there.
 """
 
 import torch
-import torch.nn.functional as F
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
                        QwenImagePipeline, QwenImageTransformer2DModel)
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
@@ -32,7 +31,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from transformers import ProcessorMixin  # noqa: F401
 
 from common.models import tiny_parts
-from common.models.base import Adapter, ModelError
+from common.models.base import Adapter, ModelError, pad_cat, pad_to
 
 # Qwen-Image's scheduler_config.json (MODELS.md 3.5); real checkpoints bring their own
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
@@ -106,17 +105,9 @@ def _tiny_transformer(zero_cond_t=False):
                                        guidance_embeds=False, axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t)
 
 
-def _pad_to(x, length):
-    """Zero-pad dim 1 (text tokens) of an embedding (B, T, D) or mask (B, T) to `length`."""
-    pad = [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]]
-    return F.pad(x, pad)
-
-
 def _stack_padded(embs):
     """(1, T_i, D) embeddings -> (U, T, D) zero-padded + (U, T) mask, the layout of the pipeline's encode_prompt."""
-    length = max(e.shape[1] for e in embs)
-    masks = [torch.ones(e.shape[:2], dtype=torch.long, device=e.device) for e in embs]
-    return torch.cat([_pad_to(e, length) for e in embs]), torch.cat([_pad_to(m, length) for m in masks])
+    return pad_cat(embs), pad_cat([torch.ones(e.shape[:2], dtype=torch.long, device=e.device) for e in embs])
 
 
 def _text_inputs(emb, mask):
@@ -179,12 +170,17 @@ class QwenImageAdapter(Adapter):
         return self.shifted_sigmas(num_steps, state["seq_len"])
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
+        return self.per_condition_layout(z, sigma, cond, lambda z, sigma, cond, layout: self._forward(
+            z, sigma, cond, state, layout, guidance_scale, true_cfg_scale))
+
+    def _forward(self, z, sigma, cond, state, layout, guidance_scale, true_cfg_scale):
+        """predict for rows whose condition images share `layout` ((rows, cols) per image; () for none)."""
         n, seq = z.shape[:2]
         t = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(n) * 1000
         x = z.to(self.dtype)
-        if "image_latents" in cond:  # condition tokens follow the target tokens on the sequence
+        if layout:  # condition tokens follow the target tokens on the sequence
             x = torch.cat([x, cond["image_latents"].to(self.dtype)], dim=1)
-        shapes = [state["img_shape"], *cond.get("image_shapes", [])]
+        shapes = [state["img_shape"], *[(1, h, w) for h, w in layout]]
         emb, mask = cond["prompt_embeds"], cond["prompt_mask"]
         cfg = true_cfg_scale > 1 and "neg_prompt_embeds" in cond
         if cfg:
@@ -192,8 +188,8 @@ class QwenImageAdapter(Adapter):
             # matches the pipeline's two calls to float rounding (tests/test_model_qwen_image.py)
             neg, neg_mask = cond["neg_prompt_embeds"], cond["neg_prompt_mask"]
             t_len = max(emb.shape[1], neg.shape[1])
-            emb = torch.cat([_pad_to(neg, t_len), _pad_to(emb, t_len)])
-            mask = torch.cat([_pad_to(neg_mask, t_len), _pad_to(mask, t_len)])
+            emb = torch.cat([pad_to(neg, t_len), pad_to(emb, t_len)])
+            mask = torch.cat([pad_to(neg_mask, t_len), pad_to(mask, t_len)])
             x, t = torch.cat([x, x]), torch.cat([t, t])
         emb, mask = _text_inputs(emb, mask)
         # the pipeline casts t to the latent dtype before dividing by 1000
@@ -262,11 +258,8 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
         uniq_imgs = list(dict.fromkeys(img_keys))
         first = {k: images[img_keys.index(k)] for k in uniq_imgs}
         ratios = {k: [im.width / im.height for im in first[k]] for k in uniq_imgs}
+        # samples whose images differ in count or aspect ratio: padded rows, one forward per layout (predict)
         vae_sizes = {k: [calculate_dimensions(self.condition_max_pixels, r) for r in ratios[k]] for k in uniq_imgs}
-        if len({tuple(s) for s in vae_sizes.values()}) > 1:
-            raise ModelError(f"{self.name}: the condition images of one batch resize to different sizes "
-                             f"{sorted({tuple(s) for s in vae_sizes.values()})}; batch samples whose images share "
-                             "count and aspect ratio")
         vl_images = {}
         for k in uniq_imgs:
             sizes = [calculate_dimensions(self.vl_image_pixels, r) for r in ratios[k]]
@@ -282,8 +275,10 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
         cond = dict(zip(("prompt_embeds", "prompt_mask"), encode(list(prompts))))
         if negative_prompts is not None:  # encoded with the same images, as in the pipeline
             cond.update(zip(("neg_prompt_embeds", "neg_prompt_mask"), encode([n or " " for n in negative_prompts])))
-        latents = torch.cat([self._encode_images(first[k], vae_sizes[k]) for k in uniq_imgs])
-        cond["image_latents"] = latents[torch.tensor([uniq_imgs.index(k) for k in img_keys], device=self.device)]
-        f = self.pipe.vae_scale_factor * 2
-        cond["image_shapes"] = [(1, h // f, w // f) for w, h in vae_sizes[uniq_imgs[0]]]
+        idx = torch.tensor([uniq_imgs.index(k) for k in img_keys])
+        cond["image_latents"] = pad_cat([self._encode_images(first[k], vae_sizes[k]) for k in uniq_imgs])[
+            idx.to(self.device)]
+        f = self.pipe.vae_scale_factor * 2  # (rows, cols) of each image's packed tokens; zero rows pad fewer images
+        grids = [torch.tensor([[h // f, w // f] for w, h in vae_sizes[k]]).unsqueeze(0) for k in uniq_imgs]
+        cond["image_grids"] = pad_cat(grids)[idx]
         return cond
