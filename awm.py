@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import rewards
 from common import checkpoint, checks, conditioning, data, evaluation, models, plan, sampler, sharding, timesteps, tracking
-from common.advantages import compute_advantages
+from common.advantages import epoch_advantages
 from common.cli import ConfigError, errors_as_one_line, height_width, parse_with_presets, set_cpu_threads
 from common.ema import EMA
 
@@ -458,14 +458,7 @@ def main(args: Args):
                 s["scores"] = s["scores"].result()
             raw = {k: accelerator.gather(torch.cat([s["scores"][k] for s in samples]).to(device)).cpu()
                    for k in reward_set.names}
-            all_groups = torch.tensor(plan.groups)
-            for k in reward_set.names:
-                if reward_set.is_groupwise(k):  # rank within each group of K, which may span ranks
-                    order = torch.argsort(all_groups, stable=True)
-                    gk = reward_set.group_transform(k, raw[k][order].view(-1, args.group_size))
-                    raw[k] = torch.empty_like(raw[k]).index_copy_(0, order, gk.flatten().to(raw[k].dtype))
-            adv_all = compute_advantages(raw, reward_set.weights, all_groups, args.advantage_aggregation,
-                                         args.global_std, args.adv_eps, args.adv_clip)
+            raw, adv_all = epoch_advantages(raw, reward_set, plan.groups, args)  # group-wise ranks, then advantages
             n_local = len(adv_all) // world
             adv_local = adv_all[rank * n_local:(rank + 1) * n_local].to(device)
             for s, a in zip(samples, adv_local.split(args.batch_size)):

@@ -38,3 +38,18 @@ def compute_advantages(rewards: dict, weights: dict, groups, aggregation="sum", 
     else:
         raise ValueError(f"unknown advantage aggregation {aggregation!r}; use 'sum' or 'gdpo'")
     return adv.clamp(-clip, clip).float()
+
+
+def epoch_advantages(raw: dict, reward_set, groups, args) -> tuple[dict, torch.Tensor]:
+    """The epoch's advantages from its gathered raw scores (every rank holds the whole epoch): group-wise rewards
+    are first ranked within each group of K (a group may span ranks), then compute_advantages with the run's
+    aggregation, std, eps and clip. Returns (raw with the group-wise transforms applied, advantages)."""
+    all_groups = torch.tensor(groups)
+    raw = dict(raw)
+    for k in reward_set.names:
+        if reward_set.is_groupwise(k):
+            order = torch.argsort(all_groups, stable=True)
+            gk = reward_set.group_transform(k, raw[k][order].view(-1, args.group_size))
+            raw[k] = torch.empty_like(raw[k]).index_copy_(0, order, gk.flatten().to(raw[k].dtype))
+    return raw, compute_advantages(raw, reward_set.weights, all_groups, args.advantage_aggregation, args.global_std,
+                                   args.adv_eps, args.adv_clip)
