@@ -98,13 +98,19 @@ def build_full(model, variant, device="cuda", dtype=None):
 
 
 # ---- one model: grpo.main in-process --------------------------------------------------------------------------------
+def grpo_algorithm(args):
+    """What grpo.py's --plan counts for these Args (common/plan.py)."""
+    from common import plan
+    return plan.Algorithm("GRPO", latents_per_sample=args.sde_window_size + 1)
+
+
 def bench_args(model, variant, output_dir, prompts=2, group_size=4, tiny=False):
     """grpo.py's Args of the model's preset with the bench's overrides (module doc)."""
     import grpo
     from common import models
     from common.cli import parse_with_presets
     argv = ["--model", model] + (["--variant", variant] if variant else []) + (["--tiny"] if tiny else [])
-    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, argv)
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, argv)
     edit = models.adapter_class(model).condition_images != "none"
     batch = args.batch_size
     k = max(2, -(-prompts * group_size // batch) * batch // prompts)  # prompts x K must fill whole batches
@@ -174,7 +180,7 @@ def run_one(model, variant=None, build=None, tiny=False, output_dir=None, prompt
                epoch_s=round(sum(phases.values()), 3), run_s=round(run_s, 1), settings=plan.activation_settings(args),
                peak_gb=None, training_peak_gb=None, training_static_gb=None, activation_gb=None)
     if gpu:
-        rows = {r.name: r for r in plan.memory_plan(args, 1)}
+        rows = {r.name: r for r in plan.memory_plan(args, grpo_algorithm(args), 1)}
         # static bytes while training: encoders off (--encode-once), minus the EMA swap-in backup (no evaluation here)
         static = rows["  training, encoders off the GPU (--encode-once)" if args.encode_once else
                       "total, all on the GPU (--no-encode-once)"].bytes - rows["EMA swap-in backup"].bytes
@@ -286,7 +292,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for spec in a.models:  # smallest first, by the plan's static peak at the bench's settings
             model, variant = split_spec(spec)
-            rows = plan.memory_plan(bench_args(model, variant, tmp, a.prompts, a.group_size), 1)
+            args = bench_args(model, variant, tmp, a.prompts, a.group_size)
+            rows = plan.memory_plan(args, grpo_algorithm(args), 1)
             sized.append((plan.static_peak(rows) / plan.GB, spec))
     records, logs = [], os.path.join(a.out, "gpu_logs")
     os.makedirs(logs, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Shared pieces of the four algorithm scripts: model adapters, sampler, data, conditioning, checkpoints, logging."""
+"""What the four algorithm scripts share: the run (common/run.py), its flags, checks and launch, model adapters, sampler,
+data, conditioning, checkpoints, logging."""
 import logging as _logging
 
 

@@ -1,4 +1,5 @@
-"""Training checkpoints for an exact resume: trainable weights, optimizer state, EMA and counters.
+"""Training checkpoints for an exact resume (trainable weights, optimizer state, EMAs and counters), and the final
+export of the trained weights in diffusers format.
 
 Tensors go to safetensors and everything else to JSON, so resuming never unpickles anything. A checkpoint
 is written into a temporary folder and renamed when complete, so a crash never leaves a corrupt latest.
@@ -11,14 +12,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-class CheckpointError(ValueError):
-    """One clear line about a resume path."""
+from common import sharding
+from common.errors import CheckpointError
 
 
 def _optimizer_to_flat(opt_state):
@@ -81,7 +80,6 @@ def save_sharded(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: 
     full tensors one at a time, rank 0 writes exactly the files save() writes (the layout of an unsharded run), and
     all ranks meet at a barrier before returning the checkpoint path. Plain tensors pass through unchanged, so it is
     also correct for unsharded runs on any number of processes (rank 0 writes)."""
-    from common import sharding
     full_params = sharding.gather_full(params)
     full_opt = sharding.full_optimizer_state_dict(optimizer)
     full_ema = sharding.gather_full(ema.state_dict()) if ema is not None else None
@@ -97,39 +95,6 @@ def save_sharded(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: 
 
 RUN_OUTPUTS = ("checkpoints", "lora", "transformer", "transformer_2", "samples", "metrics.jsonl", "config.json",
                ".tmp-export")
-
-
-def check_output_dir(output_dir, resume, overwrite, script):
-    """Before anything is written: runs never share a folder by accident. A fresh run refuses a folder that holds
-    another run's checkpoints unless `overwrite` (then its outputs are removed by clear_run, after every check); a
-    resume refuses a checkpoint written by another algorithm script (its own state would be ignored)."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise CheckpointError(f"--output-dir {output_dir} is a file, not a folder")
-    _check_writable(output_dir)
-    if resume:
-        with open(os.path.join(resume, "state.json")) as f:
-            other = json.load(f).get("script", script)
-        if other != script:
-            raise CheckpointError(f"--resume-from {resume}: a checkpoint of {other}, not of {script}")
-    found = list_checkpoints(os.path.join(output_dir, "checkpoints"))
-    if found and not resume and not overwrite:
-        raise CheckpointError(f"--output-dir {output_dir} holds another run's checkpoints (newest "
-                              f"{os.path.basename(found[-1])}): resume it with --resume-from latest, pass --overwrite "
-                              "to replace it, or choose another --output-dir")
-
-
-def _check_writable(output_dir):
-    """One line now rather than a traceback at the first save: a probe file is created and removed in the folder
-    (in its nearest existing parent when it does not exist yet, so a fresh run leaves nothing)."""
-    where = os.path.abspath(output_dir)
-    while not os.path.isdir(where):
-        where = os.path.dirname(where)
-    try:
-        fd, probe = tempfile.mkstemp(dir=where, prefix=".write-probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise CheckpointError(f"--output-dir {output_dir}: cannot write in {where} ({e.strerror})") from None
 
 
 def clear_run(output_dir):
@@ -227,8 +192,6 @@ def load_sharded(path, params: dict, optimizer, ema=None) -> dict:
     the safetensors files one at a time and keeps its own shard of each (no communication, one full tensor in memory
     at a time). Reads checkpoints of sharded and unsharded runs alike; returns the JSON state."""
     from safetensors import safe_open
-
-    from common import sharding
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     with safe_open(os.path.join(path, "trainable.safetensors"), "pt") as f:
@@ -270,3 +233,77 @@ def load_extra(path, name: str, script: str) -> dict:
     if not os.path.isfile(f):
         raise CheckpointError(f"{path}: no {name}.safetensors (not a checkpoint of {script})")
     return load_file(f)
+
+
+# ---- the final export: the trained weights in diffusers format ---------------------------------------------------
+def component_state_dicts(adapter, sd: dict) -> dict:
+    """{component: its part of sd} for adapter.trained_components(): the trained module is the component itself,
+    or a container (ExpertPair) whose submodule names are the component names."""
+    comps = adapter.trained_components()
+    module = adapter.trained_module()
+    if len(comps) == 1 and next(iter(comps.values())) is module:
+        return {next(iter(comps)): sd}
+    return {c: {k[len(c) + 1:]: v for k, v in sd.items() if k.startswith(c + ".")} for c in comps}
+
+
+def export(adapter, finetune: str, output_dir: str) -> None:
+    """The run's final weights in diffusers format: LoRA into output_dir/lora, full fine-tuning into
+    output_dir/<component>. COLLECTIVE when the trained module is sharded (every rank gathers, rank 0 writes);
+    unsharded, rank 0 writes from its own replica. Written into output_dir/.tmp-export, then each folder renamed into
+    place, so a killed export leaves no half-written LoRA (and export_done tells a resumed run to redo it)."""
+    module = adapter.trained_module()
+    sd = sharding.full_state_dict(module, trainable_only=finetune == "lora") if sharding.is_sharded(module) else None
+    if sharding.rank() != 0:
+        return
+    tmp = os.path.join(output_dir, ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if finetune == "lora":
+        (save_lora(adapter, os.path.join(tmp, "lora"), sd) if sd is not None
+         else adapter.save_lora(os.path.join(tmp, "lora")))
+    else:
+        save_full(adapter, tmp, sd) if sd is not None else adapter.save_full(tmp)
+    for name in os.listdir(tmp):
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    shutil.rmtree(tmp)
+
+
+def export_done(adapter, finetune: str, output_dir: str) -> bool:
+    """Whether every trained component's final export is in place (a resumed run whose epochs are all done redoes
+    an export that was interrupted)."""
+    for comp in adapter.trained_components():
+        if finetune == "lora":
+            folder = os.path.join(output_dir, "lora", *(() if comp == "transformer" else (comp,)))
+            if not os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
+                return False
+        elif not os.path.isfile(os.path.join(output_dir, comp, "config.json")):
+            return False
+    return True
+
+
+def save_lora(adapter, out_dir: str, sd: dict) -> None:
+    """Rank 0: Adapter.save_lora's diffusers LoRA files from gathered weights (full_state_dict(..., True))."""
+    from peft.utils import get_peft_model_state_dict
+    for comp, part in component_state_dicts(adapter, sd).items():
+        net = adapter.trained_components()[comp]
+        adapter.pipeline_cls.save_lora_weights(
+            out_dir if comp == "transformer" else os.path.join(out_dir, comp),
+            transformer_lora_layers=get_peft_model_state_dict(net, state_dict=part),
+            transformer_lora_adapter_metadata=net.peft_config["default"].to_dict(), safe_serialization=True)
+
+
+def save_full(adapter, out_dir: str, sd: dict) -> None:
+    """Rank 0: Adapter.save_full's diffusers folders (out_dir/<component>) from gathered weights
+    (full_state_dict(..., trainable_only=False)): diffusers' own save_pretrained, fed the gathered state dict."""
+    for comp, part in component_state_dicts(adapter, sd).items():
+        net = adapter.trained_components()[comp]
+        expected = set(net.state_dict().keys())
+        if set(part) != expected:
+            raise ValueError(f"save_full: the gathered state of {comp} is not its whole state dict "
+                             f"({len(set(part) ^ expected)} names differ); gather with trainable_only=False")
+        net.state_dict = lambda *a, _part=part, **k: _part  # save_pretrained reads self.state_dict()
+        try:
+            net.save_pretrained(os.path.join(out_dir, comp))
+        finally:
+            del net.state_dict

@@ -3,7 +3,7 @@ rows of every remaining epoch's plan, and its evaluation rows) is encoded once, 
 condition-image latents, and kept on the CPU; the text and image encoders then leave the accelerator. Batches are
 assembled from the cached rows, so the hot loop never runs a text encoder.
 
-Rows are encoded one chunk at a time by the script's own per-batch `encode(items, state)`; a cached row is the
+Rows are encoded one chunk at a time by `Conditioning.encode_now`, the per-batch encoder; a cached row is the
 adapter's batch-first output sliced to that row. Tensors whose length varies per prompt (Qwen and Z-Image pad
 their embeddings to the longest prompt of a batch, with a mask or lengths) are zero-padded to the batch's longest
 again when a batch is assembled, which is what the adapters do. The key of a row is its source (file:line) and the
@@ -11,8 +11,11 @@ size it was encoded for (image-to-video conditions depend on it).
 """
 import torch
 
-from common.cli import ConfigError, height_width
+from common import data
+from common.args import height_width
+from common.errors import ConfigError
 from common.models.base import pad_cat
+from common.tracking import with_conditions
 
 
 def _key(item, state):
@@ -32,7 +35,7 @@ def _available_bytes():
 
 
 class ConditionCache:
-    """encode(items, state) -> batch-first cond dict (the script's per-batch encoder); chunk: rows per encode call."""
+    """encode(items, state) -> batch-first cond dict (the per-batch encoder); chunk: rows per encode call."""
 
     def __init__(self, encode, chunk=1, max_fraction_of_memory=0.5):
         self.encode, self.chunk, self.max_fraction = encode, max(1, chunk), max_fraction_of_memory
@@ -89,18 +92,42 @@ def rows_seen(group_sampler, train_items, rank, epochs):
     return [train_items[i] for i in idx]
 
 
+class Conditioning:
+    """What a batch of dataset rows conditions the model on: its prompts, its negative prompts (every row gets one
+    when any row or --negative-prompt gives one: CFG on for all) and its condition images; encoded by the adapter
+    per batch, or assembled from the rows encoded once (`encode_once`, --encode-once)."""
 
-def encode_once(encode, adapter, args, group_sampler, train_items, test_items, rank, world, epochs) -> ConditionCache:
-    """The cache of a run (--encode-once): this rank's train rows of `epochs` at the training size and its evaluation
-    rows at the evaluation size, encoded by the script's `encode(items, state)`; then the adapter's text and image
-    encoders move off the accelerator. Condition-image models encode one row per call (the pipelines encode
-    their images one per call, so a cached row does not depend on the rows it was encoded with)."""
-    from common.evaluation import rank_rows
-    cache = ConditionCache(encode, args.batch_size if adapter.condition_images == "none" else 1)
-    cache.fill(rows_seen(group_sampler, train_items, rank, epochs),
-               adapter.make_state(*height_width(args.resolution), args.num_frames))
-    if args.eval_every:
-        cache.fill([test_items[i] for i in rank_rows(len(test_items), rank, world)],
-                   adapter.make_state(*height_width(args.eval_resolution), args.eval_num_frames))
-    adapter.offload_encoders()
-    return cache
+    def __init__(self, adapter, args, items, device):
+        self.adapter, self.device, self.cache = adapter, device, None
+        self.negative_prompt, self.max_sequence_length = args.negative_prompt, args.max_sequence_length
+        self.negatives = args.negative_prompt is not None or any(it.negative_prompt for it in items)
+
+    def encode_now(self, items, state) -> dict:
+        """The adapter's batch-first conditioning of `items` at the size of `state`."""
+        images = None if self.adapter.condition_images == "none" else [[data.load_image(p) for p in it.images]
+                                                                       for it in items]
+        negatives = [it.negative_prompt or self.negative_prompt or "" for it in items] if self.negatives else None
+        return self.adapter.encode_prompt([it.prompt for it in items], negatives, self.max_sequence_length, images,
+                                          state)
+
+    def encode(self, items, state) -> dict:
+        """A batch's conditioning on the device: from the rows encoded once, or now."""
+        return self.cache.get(items, state, self.device) if self.cache is not None else self.encode_now(items, state)
+
+    def shown(self, items, images) -> list:
+        """Sample-grid images: an edit model's condition images beside its output."""
+        return with_conditions(images, [it.images if self.adapter.condition_images != "none" else [] for it in items])
+
+    def encode_once(self, args, group_sampler, train_items, test_items, rank, world, epochs) -> ConditionCache:
+        """Fill the cache: this rank's train rows of `epochs` at the training size and its evaluation rows at the
+        evaluation size; then the adapter's text and image encoders move off the accelerator. Condition-image models
+        encode one row per call (the pipelines encode their images one per call, so a cached row does not depend on
+        the rows it was encoded with)."""
+        self.cache = ConditionCache(self.encode_now, args.batch_size if self.adapter.condition_images == "none" else 1)
+        self.cache.fill(rows_seen(group_sampler, train_items, rank, epochs),
+                        self.adapter.make_state(*height_width(args.resolution), args.num_frames))
+        if args.eval_every:
+            self.cache.fill([test_items[i] for i in data.rank_rows(len(test_items), rank, world)],
+                            self.adapter.make_state(*height_width(args.eval_resolution), args.eval_num_frames))
+        self.adapter.offload_encoders()
+        return self.cache

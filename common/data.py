@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-
-class DataError(ValueError):
-    """One clear line: what is wrong and where (file:line)."""
+from common.errors import DataError
 
 
 @dataclass
@@ -239,10 +237,16 @@ class GroupSampler:
         return [(items[i:i + self.B], groups[i:i + self.B]) for i in range(0, len(items), self.B)]
 
 
-def gather_and_slice(values: torch.Tensor, gather_fn, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather every rank's values (rank order = the plan's global order) and return (all, this rank's own slice)."""
-    all_values = gather_fn(values.contiguous())
-    n = values.shape[0]
-    if all_values.shape[0] != n * world:
-        raise ValueError(f"gathered {all_values.shape[0]} values, expected {n}*{world}: ranks must hold equal counts")
-    return all_values, all_values[rank * n:(rank + 1) * n]
+def local_slice(values, rank: int, world: int):
+    """This rank's rows of epoch-wide values in the plan's global order (gathered in rank order): the contiguous
+    1/world of them, the rows EpochPlan.local gave it."""
+    if len(values) % world:
+        raise ValueError(f"cannot split {len(values)} values over {world} ranks: ranks must hold equal counts")
+    n = len(values) // world
+    return values[rank * n:(rank + 1) * n]
+
+
+def rank_rows(n, rank, world):
+    """The evaluation rows of a rank: contiguous, padded (wrapping around) so that every rank gathers as many."""
+    per_rank = -(-n // world)
+    return [i % n for i in range(rank * per_rank, (rank + 1) * per_rank)]

@@ -5,8 +5,11 @@ theta_ema <- d * theta_ema + (1 - d) * theta, applied when (step + 1) % interval
 """
 import math
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
+
+Schedule = Literal["constant", "power", "linear", "piecewise_linear", "cosine", "warmup_cosine"]
 
 
 def ema_decay(schedule: str, step: int, decay: float, warmup_steps: int = 10, initial_decay: float = 0.0,

@@ -10,28 +10,20 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from common import sampler, tracking
-from common.cli import height_width
-
-
-def rank_rows(n, rank, world):
-    """The evaluation rows of a rank: contiguous, padded (wrapping around) so that every rank gathers as many."""
-    per_rank = -(-n // world)
-    return [i % n for i in range(rank * per_rank, (rank + 1) * per_rank)]
+from common import data, sampler, tracking
+from common.args import height_width
 
 
 @torch.no_grad()
-def evaluate(accelerator, adapter, items, encode, predictor, score, shown, reward_set, args, epoch):
-    """Returns ({"eval/...": value}, the grid's images). The script's helpers: `encode(items, state)` conditioning,
-    `predictor(cond, state, sigmas)` the guided velocity, `score(items, images)` rewards, `shown(items, images)`
-    grid images; args supplies eval_resolution, eval_num_frames, eval_num_steps, eval_batch_size, eval_seed and
-    output_dir.
-    The caller picks the weights (EMA) and autocast."""
+def evaluate(accelerator, adapter, conditioning, reward_set, items, args, epoch):
+    """Returns ({"eval/...": value}, the grid's images). `conditioning` (common.conditioning.Conditioning) encodes
+    the rows and shows them in the grid; args supplies eval_resolution, eval_num_frames, eval_num_steps,
+    eval_batch_size, eval_seed, the guidance scales and output_dir. The caller picks the weights (EMA) and autocast."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     height, width = height_width(args.eval_resolution)
     state = adapter.make_state(height, width, args.eval_num_frames)
     sigmas = adapter.sigmas(args.eval_num_steps, state)
-    mine = rank_rows(len(items), rank, world)
+    mine = data.rank_rows(len(items), rank, world)
     grid_ids = mine[:: max(1, len(mine) // 16)][:16]
     scores, images = {k: [] for k in reward_set.names}, []
     for start in tqdm(range(0, len(mine), args.eval_batch_size), desc="evaluation" if epoch < 0 else f"epoch {epoch} eval",
@@ -40,12 +32,13 @@ def evaluate(accelerator, adapter, items, encode, predictor, score, shown, rewar
         batch = [items[i] for i in idx]
         z = torch.cat([adapter.prepare_noise(1, height, width, torch.Generator().manual_seed(args.eval_seed + i),
                                              args.eval_num_frames) for i in idx])
-        cond = encode(batch, state)
-        traj = sampler.rollout(predictor(cond, state, sigmas), z, sigmas)
+        cond = conditioning.encode(batch, state)
+        traj = sampler.rollout(lambda x, i: adapter.predict(x, sigmas[i], cond, state, args.guidance_scale,
+                                                            args.true_cfg_scale), z, sigmas)
         imgs = adapter.decode(traj.final, state, cond)
-        for k, v in score(batch, imgs).items():
+        for k, v in reward_set.score(imgs, [it.prompt for it in batch], data.reward_metadata(batch)).items():
             scores[k].append(v)
-        images += [img for i, img in zip(idx, shown(batch, imgs.cpu())) if i in grid_ids]
+        images += [img for i, img in zip(idx, conditioning.shown(batch, imgs.cpu())) if i in grid_ids]
     out, metadata = {}, [it.metadata for it in items]
     for k, v in scores.items():
         all_k = accelerator.gather(torch.cat(v).to(device)).cpu()[: len(items)]

@@ -6,12 +6,12 @@ counts, no memory, no download. `memory_plan` adds up, for one training process,
 
 - weights in their precision (2 bytes under --mixed-precision bf16/fp16, else 4);
 - the trainable parameters (LoRA of the default targets at --lora-rank, or the whole transformer for
-  --finetune full) in fp32 with their gradients, AdamW's two moments and the EMA copies in fp32 (NFT keeps an old
-  policy, AWM an anchor and the epoch's start weights), the EMA swap-in backup (evaluation), and a frozen reference
-  transformer for full fine-tuning with --kl-beta > 0;
-- what the rollout stores per sample for the epoch in the storage dtype: GRPO's SDE window latents
-  ((sde_window_size + 1) per sample), NFT/AWM's final latent, and the conditioning kept with each sample (estimated
-  from the embedding widths; ragged prompts are assumed to be RAGGED_TEXT_TOKENS long).
+  --finetune full) in fp32 with their gradients, AdamW's two moments and the algorithm's fp32 copies of them
+  (`Algorithm.weight_copies`: the evaluation EMA; NFT's old policy, AWM's anchor and epoch-start weights), the EMA
+  swap-in backup (evaluation), and a frozen reference transformer for full fine-tuning with --kl-beta > 0;
+- what the rollout stores per sample for the epoch in the storage dtype: `Algorithm.latents_per_sample` latents
+  (GRPO: its SDE window's sde_window_size + 1; NFT/AWM: the final latent), and the conditioning kept with each
+  sample (the adapter's `condition_elements` estimate from the embedding widths).
 
 FSDP (`--fsdp`, common/sharding.py) shards the trained transformer's weights, gradients, optimizer state and the EMA
 copies (built from the sharded parameters) over N processes; the encoders, the VAE, the frozen Wan2.2 expert, the
@@ -32,13 +32,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from common import models
-from common.models.base import ModelError
+from common.args import RunArgs
+from common.errors import ModelError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTIVATIONS_JSON = os.path.join(ROOT, "bench", "results", "activation_memory.json")
 GB = 2**30
 GPU_GB = 80            # the question the plan answers: does it fit on an 80 GB GPU, and on 8 with sharding
-RAGGED_TEXT_TOKENS = 128  # Z-Image / Qwen-Image keep only the prompt's own tokens: an assumed typical length
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ENCODERS = ("text_encoder", "image_encoder")  # name prefixes of the components --encode-once moves off the GPU
 
@@ -48,7 +48,7 @@ def full_spec(model_name, variant=None) -> tuple[type, str | None, dict]:
     """(adapter class, resolved variant, {component: (class, kwargs)}) of a model's published architecture."""
     cls = models.adapter_class(model_name, variant)
     variant = cls.check_variant(variant)
-    if model_name == "shapes" or variant not in getattr(cls, "full_configs", {}):
+    if variant not in cls.full_configs:
         raise ModelError(f"{model_name}: no full-size configuration (the plan covers the published models; "
                          "shapes is the embedded 2.3M-parameter CPU model)")
     return cls, variant, cls.full_configs[variant]
@@ -142,61 +142,17 @@ def _hw(resolution):
     return (resolution, resolution) if isinstance(resolution, int) else (resolution[0], resolution[-1])
 
 
-# the fields the plan reads, with the four scripts' Args defaults for any an args-like object lacks
-FIELDS = dict(variant=None, train_experts="both", finetune="lora", lora_rank=64, lora_targets=(), mixed_precision="no",
-              gradient_checkpointing=False, resolution=(512,), num_frames=1, max_sequence_length=512,
-              negative_prompt=None, condition_max_pixels=None, encode_once=True, sde_window_size=1,
-              latent_storage_dtype="fp32", offload_samples=False, group_size=16, prompts_per_epoch=48, batch_size=2,
-              kl_beta=0.0, ref_device=None)
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """What the plan needs to know of an algorithm script (its `--plan` passes it)."""
+    name: str                                     # "GRPO", "NFT", ...
+    weight_copies: tuple[str, ...] = ("EMA",)     # fp32 copies of the trained weights it keeps
+    latents_per_sample: int = 1                   # latents stored per sample of the epoch
 
 
 def _settings(args) -> types.SimpleNamespace:
-    return types.SimpleNamespace(model=args.model, **{k: getattr(args, k, d) for k, d in FIELDS.items()})
-
-
-def _algorithm(args) -> str:
-    """Which script's Args these are, from the fields only that script has (run as a script its module is __main__)."""
-    if hasattr(args, "old_decay"):
-        return "NFT"
-    if hasattr(args, "anchor_decay"):
-        return "AWM"
-    return "GRPO-Guard" if hasattr(args, "delta_reweight") else "GRPO"
-
-
-def _cond_elements(name, variant, tcfg, args, latent_grid) -> tuple[int, str]:
-    """Elements per sample of the conditioning a rollout keeps with each sample: prompt embeddings (doubled by a
-    negative prompt), pooled vectors, condition-image latents; and what was assumed. `args`: the _settings view."""
-    L = args.max_sequence_length
-    negative = args.negative_prompt is not None
-    note = ""
-    cond_area = args.condition_max_pixels
-    if name in ("flux1", "flux1-kontext"):
-        text = L * tcfg.joint_attention_dim + tcfg.pooled_projection_dim
-        extra = (cond_area or 1024 * 1024) // 256 * (tcfg.in_channels + 3) if name == "flux1-kontext" else 0
-        note = "1 condition image" if extra else ""  # its packed latents and ids
-    elif name == "sd3_5":
-        text, extra = (77 + L) * tcfg.joint_attention_dim + tcfg.pooled_projection_dim, 0
-    elif name == "z-image":
-        text, extra, note = min(L, RAGGED_TEXT_TOKENS) * tcfg.cap_feat_dim, 0, f"{min(L, RAGGED_TEXT_TOKENS)} tokens"
-    elif name in ("qwen-image", "qwen-image-edit-plus"):
-        text, note = min(L, RAGGED_TEXT_TOKENS) * tcfg.joint_attention_dim, f"{min(L, RAGGED_TEXT_TOKENS)} tokens"
-        extra = (cond_area or 1024 * 1024) // 256 * tcfg.in_channels if name == "qwen-image-edit-plus" else 0
-        note += ", 1 condition image" if extra else ""
-    elif name in ("flux2", "flux2-klein"):
-        text, extra = L * tcfg.joint_attention_dim, 0
-        negative = negative and name == "flux2-klein" and variant.startswith("base")  # only klein base runs CFG
-        note = "no reference images"
-    elif name in ("wan2_t2v", "wan2_i2v"):
-        text, extra, negative = L * tcfg.text_dim, 0, True  # Wan always encodes the negative ("" by default)
-        if name == "wan2_i2v":
-            f, h, w = latent_grid
-            if tcfg.in_channels == 48:      # TI2V-5B: the condition is latent frame 0
-                extra = 48 * h * w
-            else:                           # 4 mask + 16 latent channels over the video's latent grid
-                extra = 20 * f * h * w + (257 * tcfg.image_dim if tcfg.image_dim else 0)
-    else:
-        raise ModelError(f"no conditioning estimate for {name}")
-    return text * (2 if negative else 1) + extra, note
+    """The fields the plan reads; an args-like object lacking some takes the RunArgs defaults."""
+    return types.SimpleNamespace(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(RunArgs)})
 
 
 def _activations(key, settings):
@@ -225,11 +181,11 @@ def activation_settings(args) -> dict:
                 gradient_checkpointing=bool(args.gradient_checkpointing))
 
 
-def memory_plan(args, num_processes=1, sharded=False, meta=None) -> list[Row]:
-    """Rows of GPU bytes per process for the run `args` describes (any of the four scripts' Args; missing fields take
-    defaults), on `num_processes` processes, with FSDP sharding of the trained transformer when `sharded`.
-    `meta`: the full-size adapter (full_adapter) to reuse between calls."""
-    algo, args = _algorithm(args), _settings(args)
+def memory_plan(args, algorithm: Algorithm, num_processes=1, sharded=False, meta=None) -> list[Row]:
+    """Rows of GPU bytes per process for the run `args` describes (a script's Args; an args-like object's missing
+    fields take the RunArgs defaults) and `algorithm` keeps, on `num_processes` processes, with FSDP sharding of the
+    trained transformer when `sharded`. `meta`: the full-size adapter (full_adapter) to reuse between calls."""
+    args = _settings(args)
     ad = meta or full_adapter(args.model, args.variant, train_experts=args.train_experts)
     name, variant, pipe = args.model, ad.variant, ad.pipe
     wbytes = BYTES["fp32" if args.mixed_precision == "no" else args.mixed_precision]
@@ -267,8 +223,7 @@ def memory_plan(args, num_processes=1, sharded=False, meta=None) -> list[Row]:
     rows.append(Row("gradients", trainable * 4 / n, trainable, "fp32", early=False))
     rows.append(Row("AdamW moments (2 per weight)", 2 * trainable * 4 / n, 2 * trainable, "fp32", early=False))
     # the EMA copies are built from the (sharded) parameters: shards too; the reference is copied before sharding
-    copies = {"NFT": "EMA + old policy", "AWM": "EMA + anchor + epoch start"}.get(algo, "EMA")
-    k = copies.count("+") + 1
+    copies, k = " + ".join(algorithm.weight_copies), len(algorithm.weight_copies)
     rows.append(Row(f"{copies} cop{'ies' if k > 1 else 'y'}", k * trainable * 4 / n, k * trainable, "fp32"))
     # ema.swapped_in clones the live weights while the EMA is loaded (evaluation; NFT's old-policy passes)
     rows.append(Row("EMA swap-in backup", trainable * 4 / n, trainable, "fp32", early=False))
@@ -284,7 +239,7 @@ def memory_plan(args, num_processes=1, sharded=False, meta=None) -> list[Row]:
     type(ad).check_size(h, w, frames, variant)
     latent = ad.prepare_noise(1, h, w, num_frames=frames)
     samples = math.ceil(args.prompts_per_epoch * args.group_size / num_processes)
-    per_sample = args.sde_window_size + 1 if algo.startswith("GRPO") else 1
+    per_sample = algorithm.latents_per_sample
     sdtype = args.latent_storage_dtype
     where = "cpu" if args.offload_samples else "gpu"
     elems = samples * per_sample * latent[0].numel()
@@ -293,7 +248,7 @@ def memory_plan(args, num_processes=1, sharded=False, meta=None) -> list[Row]:
     rows.append(Row(f"stored latents ({args.prompts_per_epoch * args.group_size}/N samples x {per_sample} x {shape})",
                     elems * BYTES[sdtype], elems, sdtype, early=False, where=where))
     grid = getattr(ad, "_latent_grid", lambda *a: None)(h, w, frames)
-    per_cond, note = _cond_elements(name, variant, ad.config, args, grid)
+    per_cond, note = ad.condition_elements(args, grid)
     rows.append(Row(f"stored conditioning (estimate{': ' + note if note else ''})", samples * per_cond * wbytes,
                     samples * per_cond, wdtype, early=False, where=where))
 
@@ -364,14 +319,14 @@ def _verdict(rows, label) -> str:
     return f"{label}: {'fits' if peak < GPU_GB else 'does NOT fit'} ({peak:.1f} GB static, activations excluded)"
 
 
-def run_plan(args, num_processes=None) -> str:
+def run_plan(args, algorithm: Algorithm, num_processes=None) -> str:
     """The text `--plan` prints: the plan on 1 process and sharded over the launch's processes (WORLD_SIZE, or
     `num_processes`) and over 8, and whether it fits on one 80 GB GPU and on 8 with FSDP."""
     n = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
-    algo, raw, args = _algorithm(args), args, _settings(args)
+    algo, raw, args = algorithm.name, args, _settings(args)
     meta = full_adapter(args.model, args.variant, train_experts=args.train_experts)
     counts = sorted({1, 8, n})
-    plans = [memory_plan(raw, c, sharded=c > 1, meta=meta) for c in counts]
+    plans = [memory_plan(raw, algorithm, c, sharded=c > 1, meta=meta) for c in counts]
     h, w = _hw(args.resolution)
     frames = args.num_frames
     ft = "LoRA" if args.finetune == "lora" else "full fine-tuning"

@@ -152,7 +152,8 @@ def rollout(predict, z, sigmas, sde_steps=(), eta=0.0, dynamics="ODE", keep=None
         out = sde_step(z, v, sigmas[i], sigmas[i + 1], eta if on else 0.0, dynamics if on else "ODE",
                        sigma_1, generator=generator, storage_dtype=storage_dtype)
         if on:
-            traj.log_probs[i] = out.log_prob
+            if out.log_prob is not None:  # CPS's last step (to sigma 0) has no noise, hence no log-prob
+                traj.log_probs[i] = out.log_prob
             if keep_means:
                 traj.means[i] = out.mean
         z = out.next

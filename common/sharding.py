@@ -20,10 +20,8 @@ API (every function marked COLLECTIVE must be called by every rank, in the same 
     full_optimizer_state_dict(optimizer)    -> optimizer.state_dict() with full cpu tensors on rank 0, {} elsewhere
                                                (COLLECTIVE)
     load_full_optimizer_state_dict(optimizer, osd)   every rank passes the full dict; no communication
-    save_lora(adapter, out_dir, sd) / save_full(adapter, out_dir, sd)   rank 0 only: the adapter's diffusers exports
-                                               from a gathered full_state_dict
-    end_run(accelerator)                    the last call of a run: every process exits, none hangs (COLLECTIVE)
-and in common/checkpoint.py: save_sharded(...) / load_sharded(...) (same arguments as save / load, all ranks).
+and in common/checkpoint.py: save_sharded(...) / load_sharded(...) (same arguments as save / load, all ranks) and
+export(adapter, finetune, out_dir) (the final diffusers files; COLLECTIVE when sharded).
 
 What gets wrapped. Each diffusers model inside `module` (the module itself, or each registered expert of Wan2.2's
 `ExpertPair`) is found by its `_no_split_modules` (FluxTransformerBlock + FluxSingleTransformerBlock,
@@ -40,14 +38,14 @@ parameters of one unit must share one dtype: cast them (LoRA already is fp32; fu
 transformer to fp32 before sharding if you want fp32 masters). The frozen expert of an ExpertPair is not registered,
 so it is not sharded: each rank keeps its own full frozen copy (as unsharded runs do).
 
-Order in a script (setup): load the adapter -> gradient checkpointing / attention backend -> add_lora (and the fp32
+Order of the set-up (common/run.py): load the adapter -> gradient checkpointing / attention backend -> add_lora (and the fp32
 cast of trainable weights) -> a deepcopy reference model if any (before sharding) -> shard_module(transformer,
 args.mixed_precision) -> THEN build `params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}`,
 the optimizer and every EMA (fully_shard replaces the Parameter objects, so anything built before holds stale
 tensors) -> `optimizer = accelerator.prepare(optimizer)` (not the transformer) -> resume with
 checkpoint.load_sharded. `adapter.transformer` stays the same object (fully_shard changes its class in place).
 
-Training: `with no_sync(transformer) if not sync else nullcontext()` around non-final micro-steps (FSDP2's
+Training (common/run.py, Run.accumulate): `no_sync(transformer)` around non-final micro-steps (FSDP2's
 set_requires_gradient_sync; it keeps unsharded gradients until the final micro-step, so for full fine-tuning of a
 big model it may be better to reduce every micro-step, i.e. not use it); `accelerator.backward(loss)` is a plain
 backward for an unprepared module; `clip_grad_norm_(params.values(), max_norm)` (torch's works on DTensor grads and
@@ -58,13 +56,13 @@ and restore with load_full_into(ema.state_dict(), full) (state_dict returns the 
 
 Checkpoint: every rank calls checkpoint.save_sharded(...) (no `is_main_process` guard); rank 0 writes the same
 files as checkpoint.save, atomically, then all ranks meet at a barrier. Resume: every rank calls
-checkpoint.load_sharded(path, params, optimizer, ema) and, for an algorithm's EMA,
+checkpoint.load_sharded(path, params, optimizer, ema) and, for an algorithm's EMA (Run.checkpointed_ema),
 load_full_into(old.state_dict(), checkpoint.load_extra(...)). A 1-process unsharded run can load the checkpoint of
 a sharded run and vice versa.
 
-Export (LoRA / full): every rank, with the EMA swapped in: `sd = full_state_dict(transformer, trainable_only=
-finetune == "lora")`; then on rank 0 only: save_lora(adapter, out_dir, sd) or save_full(adapter, out_dir, sd), the
-same diffusers files as Adapter.save_lora / save_full of an unsharded run.
+Export (checkpoint.export, LoRA / full): every rank, with the EMA swapped in: `sd = full_state_dict(transformer,
+trainable_only=finetune == "lora")`; then on rank 0 only: checkpoint.save_lora / save_full from `sd`, the same
+diffusers files as Adapter.save_lora / save_full of an unsharded run.
 
 Not covered by the tests: fp16 (accelerate's GradScaler over DTensor gradients; bf16 is the GPU preset); NCCL
 (the same calls, only the mesh's device type differs). A frozen reference model (full fine-tuning with KL) is a
@@ -88,8 +86,6 @@ forward fails in Wan's unpatchify reshape). Rollouts are symmetric already (ever
 The gathers (gather_full, full_state_dict, full_optimizer_state_dict, save_sharded) are collectives too; never call
 them under `if accelerator.is_main_process`.
 """
-import os
-import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 
@@ -304,105 +300,3 @@ def shard_like(v, p):
     if isinstance(p, DTensor) and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) and v.dim() > 0:
         return distribute_tensor(v.to(device=p.device), p.device_mesh, p.placements, src_data_rank=None)
     return v
-
-
-# ---- exports (rank 0, from a gathered full_state_dict) -----------------------------------------------------
-
-def component_state_dicts(adapter, sd: dict) -> dict:
-    """{component: its part of sd} for adapter.trained_components(): the trained module is the component itself,
-    or a container (ExpertPair) whose submodule names are the component names."""
-    comps = adapter.trained_components()
-    module = adapter.trained_module()
-    if len(comps) == 1 and next(iter(comps.values())) is module:
-        return {next(iter(comps)): sd}
-    return {c: {k[len(c) + 1:]: v for k, v in sd.items() if k.startswith(c + ".")} for c in comps}
-
-
-def export(adapter, finetune: str, output_dir: str) -> None:
-    """The run's final weights in diffusers format: LoRA into output_dir/lora, full fine-tuning into
-    output_dir/<component>. COLLECTIVE when the trained module is sharded (every rank gathers, rank 0 writes);
-    unsharded, rank 0 writes from its own replica. Written into output_dir/.tmp-export, then each folder renamed into
-    place, so a killed export leaves no half-written LoRA (and export_done tells a resumed run to redo it)."""
-    import os
-    import shutil
-    module = adapter.trained_module()
-    sd = full_state_dict(module, trainable_only=finetune == "lora") if is_sharded(module) else None
-    if rank() != 0:
-        return
-    tmp = os.path.join(output_dir, ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if finetune == "lora":
-        (save_lora(adapter, os.path.join(tmp, "lora"), sd) if sd is not None
-         else adapter.save_lora(os.path.join(tmp, "lora")))
-    else:
-        save_full(adapter, tmp, sd) if sd is not None else adapter.save_full(tmp)
-    for name in os.listdir(tmp):
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    shutil.rmtree(tmp)
-
-
-def export_done(adapter, finetune: str, output_dir: str) -> bool:
-    """Whether every trained component's final export is in place (a resumed run whose epochs are all done redoes
-    an export that was interrupted)."""
-    import os
-    for comp in adapter.trained_components():
-        if finetune == "lora":
-            folder = os.path.join(output_dir, "lora", *(() if comp == "transformer" else (comp,)))
-            if not os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
-                return False
-        elif not os.path.isfile(os.path.join(output_dir, comp, "config.json")):
-            return False
-    return True
-
-
-def save_lora(adapter, out_dir: str, sd: dict) -> None:
-    """Rank 0: Adapter.save_lora's diffusers LoRA files from gathered weights (full_state_dict(..., True))."""
-    import os
-
-    from peft.utils import get_peft_model_state_dict
-    for comp, part in component_state_dicts(adapter, sd).items():
-        net = adapter.trained_components()[comp]
-        adapter.pipeline_cls.save_lora_weights(
-            out_dir if comp == "transformer" else os.path.join(out_dir, comp),
-            transformer_lora_layers=get_peft_model_state_dict(net, state_dict=part),
-            transformer_lora_adapter_metadata=net.peft_config["default"].to_dict(), safe_serialization=True)
-
-
-def save_full(adapter, out_dir: str, sd: dict) -> None:
-    """Rank 0: Adapter.save_full's diffusers folders (out_dir/<component>) from gathered weights
-    (full_state_dict(..., trainable_only=False)): diffusers' own save_pretrained, fed the gathered state dict."""
-    import os
-    for comp, part in component_state_dicts(adapter, sd).items():
-        net = adapter.trained_components()[comp]
-        expected = set(net.state_dict().keys())
-        if set(part) != expected:
-            raise ValueError(f"save_full: the gathered state of {comp} is not its whole state dict "
-                             f"({len(set(part) ^ expected)} names differ); gather with trainable_only=False")
-        net.state_dict = lambda *a, _part=part, **k: _part  # save_pretrained reads self.state_dict()
-        try:
-            net.save_pretrained(os.path.join(out_dir, comp))
-        finally:
-            del net.state_dict
-
-
-
-def end_run(accelerator):
-    """The last call of a run, in place of accelerator.end_training() (COLLECTIVE). One process: end_training().
-    Several: a barrier, the trackers finish, and every process exits at once with code 0, skipping the process
-    group's teardown. Why: freeing DDP's reducer or the process group (in end_training's destroy_process_group, or
-    at interpreter exit) joins gloo's worker threads while holding the GIL, and a worker still releasing the last
-    collective's work needs the GIL to free that work's tensors: a deadlock at exit, seen in 1 of 30 2-process CPU
-    launches (py-spy: the main thread in ~ProcessGroupGloo -> std::thread::join, the worker in ~AsyncWork ->
-    gil_scoped_acquire; bench/launch_exits.py). gloo has no shutdown that joins its workers first. Everything of
-    the run is written and closed before this call; stdout and stderr are flushed."""
-    if accelerator.num_processes <= 1:
-        accelerator.end_training()
-        return
-    accelerator.wait_for_everyone()
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -11,7 +11,7 @@ fraction f is sigma = 1 - f (t = 1000 sigma), so (0, 0.5) is the noisier half, s
 """
 import torch
 
-from common.cli import ConfigError
+from common.errors import ConfigError
 
 SAMPLERS = ("uniform", "logit_normal", "discrete", "discrete_with_init", "discrete_wo_init")
 

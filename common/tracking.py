@@ -48,23 +48,45 @@ def keep_epochs_before(path, epoch: int):
     os.replace(path + ".tmp", path)
 
 
-def epoch_stats(accelerator, raw: dict, adv, stats: dict, onpolicy_dev) -> dict:
+class TrainStats:
+    """An epoch's training statistics: `add(name=tensor, ...)` once per micro-step (detached here); the epoch record
+    holds each one's mean over micro-steps and processes. A `ratio` (optional: a loss without one logs none) is kept
+    per element for its mean, min and max, and the first one added gives the on-policy deviation max |ratio - 1|
+    of the epoch's first micro-step (0 when training starts from the rollout's weights)."""
+
+    def __init__(self):
+        self.values, self.ratios, self.onpolicy_dev = {}, [], None
+
+    def add(self, **stats):
+        for name, value in stats.items():
+            value = value.detach()
+            if name == "ratio":
+                if self.onpolicy_dev is None:
+                    self.onpolicy_dev = (value - 1).abs().max()
+                self.ratios.append(value)
+            else:
+                self.values.setdefault(name, []).append(value)
+
+
+def epoch_stats(accelerator, raw: dict, adv, stats: TrainStats) -> dict:
     """An epoch's metrics.jsonl keys, reduced over processes: reward means/stds (raw scores, gathered), advantages,
-    the mean of every training statistic, the ratio's mean/min/max and the on-policy ratio deviation."""
+    the mean of every training statistic and, when the loss has a ratio, its mean/min/max and on-policy deviation."""
     device = accelerator.device
-    stats = dict(stats)
-    ratios = torch.cat(stats.pop("ratio")).float()
     out = {}
     for k, v in raw.items():
         out[f"reward/{k}_mean"], out[f"reward/{k}_std"] = v.mean().item(), v.std(unbiased=False).item()
     out.update({"adv/mean": adv.mean().item(), "adv/std": adv.std(unbiased=False).item(),
                 "adv/abs_max": adv.abs().max().item(), "adv/zero_frac": (adv == 0).float().mean().item()})
-    for k, v in stats.items():
+    for k, v in stats.values.items():
         out[f"train/{k}"] = accelerator.reduce(torch.stack(v).float().mean().to(device), "mean").item()
-    ratio_stats = accelerator.gather(torch.stack([ratios.mean(), ratios.min(), ratios.max()]).to(device)).view(-1, 3)
-    out["train/onpolicy_ratio_dev"] = accelerator.reduce(onpolicy_dev.to(device), "max").item()
-    out.update({"train/ratio_mean": ratio_stats[:, 0].mean().item(), "train/ratio_min": ratio_stats[:, 1].min().item(),
-                "train/ratio_max": ratio_stats[:, 2].max().item()})
+    if stats.ratios:
+        ratios = torch.cat(stats.ratios).float()
+        ratio_stats = accelerator.gather(torch.stack([ratios.mean(), ratios.min(), ratios.max()]).to(device))
+        ratio_stats = ratio_stats.view(-1, 3)
+        out["train/onpolicy_ratio_dev"] = accelerator.reduce(stats.onpolicy_dev.to(device), "max").item()
+        out.update({"train/ratio_mean": ratio_stats[:, 0].mean().item(),
+                    "train/ratio_min": ratio_stats[:, 1].min().item(),
+                    "train/ratio_max": ratio_stats[:, 2].max().item()})
     return out
 
 

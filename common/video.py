@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
-from common.data import DataError  # common.data imports this module lazily, so there is no cycle
+from common.errors import DataError
 
 
 def _reason(e: Exception) -> str:

@@ -12,12 +12,14 @@ import importlib
 import inspect
 import math
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rewards.base import FunctionReward, Reward, RewardError
 
-__all__ = ["REGISTRY", "Reward", "RewardError", "RewardSet", "parse_spec", "check_specs", "load_rewards"]
+__all__ = ["REGISTRY", "Reward", "RewardError", "RewardSet", "Spec", "parse_spec", "check_specs", "load_rewards"]
 
 REGISTRY = {
     "jpeg_compressibility": "rewards.jpeg:JpegCompressibility",
@@ -69,27 +71,39 @@ def _is_remote(spec: str) -> bool:
     return "=" in spec  # NAME=URL; no registry name or dotted path holds an '='
 
 
-def check_specs(specs: list[str]) -> None:
-    """Validate reward specs without loading any weights; raises RewardError on the first problem. A remote
-    reward's server is health-checked here, so that a run stops before any model loads."""
+@dataclass
+class Spec:
+    """One reward of a run, parsed once: its spec text, name and weight; a custom reward's resolved class, factory or
+    function; a remote reward's client, built (and its server health-checked) once, by check_specs."""
+    text: str
+    name: str
+    weight: float
+    custom: Any = None
+    remote: Any = None
+
+
+def check_specs(specs: list[str]) -> list[Spec]:
+    """Parse and validate reward specs without loading any weights; raises RewardError on the first problem. A remote
+    reward's server is health-checked here, once, so that a run stops before any model loads; load_rewards takes
+    the result and reuses its clients."""
     if not specs:
         raise RewardError("no reward given; pass at least one reward spec like pickscore or jpeg_compressibility:0.5")
-    seen = set()
+    checked = []
     for spec in specs:
-        name, _ = parse_spec(spec)
-        if name in seen:
+        name, weight = parse_spec(spec)
+        if name in {c.name for c in checked}:
             raise RewardError(f"reward {name!r} is given twice")
-        seen.add(name)
+        entry = Spec(spec, name, weight)
         if _is_remote(spec):
             from rewards.remote import RemoteReward
-            RemoteReward(spec).close()
-            continue
-        if name in REGISTRY:
-            continue
-        if "." not in name.strip("."):
-            raise RewardError(f"unknown reward {name!r}; known: {', '.join(sorted(REGISTRY))}, "
-                              "or a dotted path like mypkg.module.MyReward")
-        _resolve(name, name)
+            entry.remote = RemoteReward(spec)
+        elif name not in REGISTRY:
+            if "." not in name.strip("."):
+                raise RewardError(f"unknown reward {name!r}; known: {', '.join(sorted(REGISTRY))}, "
+                                  "or a dotted path like mypkg.module.MyReward")
+            entry.custom = _resolve(name, name)
+        checked.append(entry)
+    return checked
 
 
 def _needs_args(fn) -> bool:
@@ -100,8 +114,7 @@ def _needs_args(fn) -> bool:
     return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
-def _build_custom(name: str):
-    obj = _resolve(name, name)
+def _build_custom(name: str, obj):
     if not isinstance(obj, type) and _needs_args(obj):
         return FunctionReward(obj, name)
     try:
@@ -162,27 +175,24 @@ class RewardSet:
         return bool(getattr(self.rewards[name], "groupwise", False))
 
 
-def load_rewards(specs: list[str], paths: dict[str, str] | None = None, device="cpu",
+def load_rewards(specs: list, paths: dict[str, str] | None = None, device="cpu",
                  dtype=torch.float32, frame_stride: int = 1) -> RewardSet:
-    """Build the rewards of `specs`. paths maps a registry name to a local folder overriding its hub id; the
-    registry rewards score every `frame_stride`-th frame of a video (custom and remote rewards receive every frame)."""
-    check_specs(specs)
+    """Build the rewards of `specs` (spec strings, or check_specs' result: then nothing is parsed or health-checked
+    again). paths maps a registry name to a local folder overriding its hub id; the registry rewards score every
+    `frame_stride`-th frame of a video (custom and remote rewards receive every frame)."""
+    checked = specs if specs and all(isinstance(s, Spec) for s in specs) else check_specs(specs)
     paths = {k.lower() if k.lower() in REGISTRY else k: v for k, v in (paths or {}).items()}
-    parsed = [parse_spec(s) for s in specs]
     for key in paths:
-        if key not in REGISTRY and key not in dict(parsed):
+        if key not in REGISTRY and key not in {c.name for c in checked}:
             raise RewardError(f"path override for unknown reward {key!r}; known: {', '.join(sorted(REGISTRY))}")
     rewards, weights = {}, {}
-    remote = set()
-    for spec, (name, weight) in zip(specs, parsed):
-        if _is_remote(spec):
-            from rewards.remote import RemoteReward
-            rewards[name] = RemoteReward(spec)  # health-checked again: the server may have gone since check_specs
-            remote.add(name)
-        elif name in REGISTRY:
-            rewards[name] = _resolve(REGISTRY[name], name)(path=paths.get(name), device=device, dtype=dtype)
+    for c in checked:
+        if c.remote is not None:
+            rewards[c.name] = c.remote
+        elif c.name in REGISTRY:
+            rewards[c.name] = _resolve(REGISTRY[c.name], c.name)(path=paths.get(c.name), device=device, dtype=dtype)
         else:
-            rewards[name] = _build_custom(name)
-        weights[name] = weight
-    strides = {name: frame_stride for name in rewards if name in REGISTRY and name not in remote}
+            rewards[c.name] = _build_custom(c.name, c.custom)
+        weights[c.name] = c.weight
+    strides = {c.name: frame_stride for c in checked if c.name in REGISTRY and c.remote is None}
     return RewardSet(rewards, weights, strides)

@@ -1,4 +1,4 @@
-"""Rule-based checker of the shapes world (common/shapes.py), GenEval style, from the pixels alone.
+"""Rule-based checker of the shapes world (rewards/shapes_world.py), GenEval style, from the pixels alone.
 
 Blurry edges mix a colour with the white background, so each pixel is matched to the nearest white-to-colour
 line: it takes that colour when at least half way along (the unbiased edge of a blurred shape), else it is
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common.shapes import BACKGROUND, PALETTE
+from rewards.shapes_world import BACKGROUND, PALETTE
 from rewards.base import Reward, RewardError, over_frames
 
 COLORS = list(PALETTE)

@@ -23,7 +23,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import shapes  # noqa: E402
+from rewards import shapes_world as shapes  # noqa: E402
 from common.models import tiny_parts  # noqa: E402
 from common.models.flux1 import SCHEDULER_CONFIG  # noqa: E402
 

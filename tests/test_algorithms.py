@@ -188,7 +188,7 @@ def test_continuous_samplers_shift_acts_on_sigma():
 
 
 def test_time_sampler_bad_ranges_are_one_line_errors():
-    from common.cli import ConfigError
+    from common.errors import ConfigError
     with pytest.raises(ConfigError, match="too few schedule steps"):
         timesteps.sample_sigmas("discrete_wo_init", 2, 1, SD35, (0.0, 0.03))
     with pytest.raises(ConfigError, match="0 <= lo < hi <= 1"):

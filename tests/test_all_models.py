@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from common import models
-from common.data import DataError
+from common.errors import DataError
+from tests.helpers import checks_only
 from tests.test_grpo import ENV, ROOT, fresh_accelerator_state, read_metrics  # noqa: F401 (autouse fixture)
 
 MODEL_NAMES = [m for m in models.MODELS if m != "shapes"]
@@ -100,11 +101,11 @@ def test_bad_condition_image_stops_before_loading(tmp_path, problem):
         (tmp_path / "images/bad.png").write_bytes(b"\x89PNG but not really")
     rows = [{"prompt": "make it blue", "image": "ok.png"}, {"prompt": "make it red", "image": "bad.png"}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS,
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY,
                               ["--model", "flux1-kontext", "--tiny", "--dataset", str(tmp_path)])
     want = "image not found: .*bad.png" if problem == "missing" else "train.jsonl:2: unreadable image .*bad.png"
     with pytest.raises(DataError, match=want):
-        grpo.check_args(args, 1)
+        checks_only("grpo", args)
 
 
 SEEN_BY_REWARD = []
@@ -119,7 +120,7 @@ def record_condition_paths(images, prompts, metadata):
 def test_condition_images_reach_the_rewards(tmp_path):
     import grpo
     from common.cli import parse_with_presets
-    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS,
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY,
                               ["--model", "flux1-kontext", "--tiny", "--num-epochs", "1", "--eval-every", "0",
                                "--reward", "tests.test_all_models.record_condition_paths", "--log-with", "none",
                                "--output-dir", str(tmp_path)])

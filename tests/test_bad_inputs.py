@@ -7,7 +7,8 @@ import pytest
 
 import grpo
 import nft
-from common.cli import USER_ERRORS, parse_with_presets
+from common.cli import parse_with_presets
+from common.errors import USER_ERRORS
 from common.data import load_split
 
 
@@ -33,7 +34,9 @@ CASES = [
     (["--eval-resolution", "64", "80", "96"], "a resolution is SIZE or HEIGHT WIDTH"),
     (["--lora-rank", "0"], "--lora-rank must be >= 1"),
     (["--max-sequence-length", "0"], "--max-sequence-length must be >= 1"),
-    (["--dynamics", "CPS", "--noise-level", "1.5"], "--noise-level must be <= 1 with --dynamics CPS"),
+    (["--dynamics", "CPS", "--noise-level", "1.5", "--sde-window-range", "0", "3"],
+     "--noise-level must be <= 1 with --dynamics CPS"),
+    (["--dynamics", "CPS", "--noise-level", "0.8"], r"--dynamics CPS: the last step \(to sigma 0\) is deterministic"),
     (["--num-epochs", "-1"], "--num-epochs must be >= 0"),
     (["--eval-every", "-1"], "--eval-every must be >= 0"),
     (["--clip-range", "-0.1"], "--clip-range must be > 0"),
@@ -50,7 +53,7 @@ CASES = [
 @pytest.mark.parametrize("extra,match", CASES, ids=[" ".join(c[0]) for c in CASES])
 def test_bad_input_is_one_line_and_writes_nothing(extra, match, tmp_path):
     out = tmp_path / "out"
-    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--model", "flux1", "--tiny", "--log-with",
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--model", "flux1", "--tiny", "--log-with",
                               "none", "--num-epochs", "1", "--output-dir", str(out), *extra])
     with pytest.raises(USER_ERRORS, match=match) as e:
         grpo.main(args)
@@ -62,7 +65,7 @@ def test_output_dir_that_is_a_file_and_dataset_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     for extra, match in ((["--output-dir", str(tmp_path / "f")], "is a file, not a folder"),
                          (["--dataset", str(tmp_path / "f")], "is a file; give the folder")):
-        args = parse_with_presets(nft.Args, nft.PRESETS, nft.TINY_PRESETS, ["--model", "flux1", "--tiny", *extra])
+        args = parse_with_presets(nft.Args, nft.PRESETS, nft.TINY, ["--model", "flux1", "--tiny", *extra])
         with pytest.raises(USER_ERRORS, match=match):
             nft.main(args)
 
@@ -88,7 +91,7 @@ def _read_only_folder(tmp_path):
 def test_read_only_output_folder_is_one_line_fresh_and_on_resume(tmp_path):
     ro = _read_only_folder(tmp_path)
     for out, extra in ((ro / "run", []), (ro, ["--resume-from", "latest"])):  # cannot be created; exists read-only
-        args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--model", "flux1", "--tiny",
+        args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--model", "flux1", "--tiny",
                                   "--log-with", "none", "--output-dir", str(out), *extra])
         with pytest.raises(USER_ERRORS, match="--output-dir .*: cannot write in ") as e:
             grpo.main(args)
@@ -97,7 +100,7 @@ def test_read_only_output_folder_is_one_line_fresh_and_on_resume(tmp_path):
 
 
 def test_a_constant_reward_warns_of_zero_advantages(tmp_path, capsys):
-    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, [
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, [
         "--model", "flux1", "--tiny", "--log-with", "none", "--num-epochs", "1", "--eval-every", "0",
         "--output-dir", str(tmp_path / "out"), "--reward", "tests.test_bad_inputs.constant_reward"])
     grpo.main(args)

@@ -1,12 +1,13 @@
-"""Drift guard (STYLE.md 2.4): every `# SHARED: <name>` block of grpo.py appears, character for character, in
-grpo_guard.py, nft.py and awm.py.
+"""What the four scripts still share, kept from drifting (STYLE.md 2.4): the plumbing lives in common/ (Run), so a
+script is its algorithm plus a skeleton that must read the same in all four:
 
-Block rule: a block starts at its marker line (a line whose text, after indentation, starts with
-`# SHARED:`) and runs up to, not including, the first following non-blank line that either is indented less
-than the marker or is itself a marker (`# SHARED:`, `# ----`, `# ALGO LOGIC`); trailing blank lines are
-dropped. So a block ends at the end of its enclosing suite, or where the next marked section begins: put an
-`# ALGO LOGIC: ...` line right after a shared block to start algorithm-specific code at the same indentation.
+- the phases of `main`'s epoch loop, in order, under the same `# ---- NAME ----` banners;
+- the ADVANTAGES and LOGGING phases, line for line;
+- the run's calls in the same order: Run, start, epochs, rollout, advantages, train_batches, accumulate, backward,
+  end_epoch, finish (the algorithm calls more where it needs them: velocity, reference_velocity, checkpointed_ema);
+- the `if __name__ == "__main__":` block, line for line but for the algorithm's memory-plan line.
 """
+import ast
 import os
 
 import pytest
@@ -14,34 +15,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = "grpo.py"
 COPIES = ("grpo_guard.py", "nft.py", "awm.py")
-MARKERS = ("# SHARED:", "# ----", "# ALGO LOGIC")
-# (script, block) pairs that cannot match yet, with the grpo.py change that would let them (see the docs/ pages)
-KNOWN = {}  # (script, block) -> why the script may only match the start of grpo.py's block
-
-
-def _indent(line):
-    return len(line) - len(line.lstrip())
-
-
-def shared_blocks(text):
-    """{name: block text} of every `# SHARED: name` block (rule in the module docstring)."""
-    lines, blocks = text.splitlines(), {}
-    for i, line in enumerate(lines):
-        if not line.lstrip().startswith("# SHARED:"):
-            continue
-        name, end = line.split("# SHARED:", 1)[1].strip(), i + 1
-        while end < len(lines):
-            nxt = lines[end]
-            if nxt.strip() and (_indent(nxt) < _indent(line) or nxt.lstrip().startswith(MARKERS)):
-                break
-            end += 1
-        block = lines[i:end]
-        while block and not block[-1].strip():
-            block.pop()
-        if name in blocks:
-            raise ValueError(f"shared block {name!r} is marked twice")
-        blocks[name] = "\n".join(block)
-    return blocks
+SKELETON = ("Run", "start", "epochs", "rollout", "advantages", "train_batches", "accumulate", "backward", "end_epoch",
+            "finish")
 
 
 def _read(name):
@@ -49,27 +24,64 @@ def _read(name):
         return f.read()
 
 
-def test_block_rule():
-    text = ("def f():\n    # SHARED: a\n    x = 1\n\n    if x:\n        y = 2\n    # ALGO LOGIC: mine\n    z = 3\n"
-            "    # SHARED: b\n    w = 4\n\n\nv = 5\n")
-    assert shared_blocks(text) == {"a": "    # SHARED: a\n    x = 1\n\n    if x:\n        y = 2",
-                                   "b": "    # SHARED: b\n    w = 4"}
+def phases(text) -> dict[str, list[str]]:
+    """{banner name: the lines under it up to the next banner or the end of its loop}, in order, of `main`."""
+    lines = text.splitlines()
+    out, name, indent = {}, None, None
+    for line in lines[next(i for i, ln in enumerate(lines) if ln.startswith("def main(")):]:
+        stripped = line.strip()
+        if stripped.startswith("# ---- ") and stripped.endswith(" ----"):
+            name, indent = stripped[7:-5], len(line) - len(line.lstrip())
+            out[name] = []
+        elif name is not None and stripped and len(line) - len(line.lstrip()) < indent:
+            name = None  # the loop ended
+        elif name is not None and stripped:
+            out[name].append(line)
+    return out
 
 
-def test_reference_has_blocks():
-    assert len(shared_blocks(_read(REFERENCE))) >= 5
+def run_calls(text) -> list[str]:
+    """The names of Run's constructor and of the methods called on `run` in `main`, in source order."""
+    main = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    calls = []
+    for node in ast.walk(main):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Name) and f.id == "Run":
+                calls.append((node.lineno, node.col_offset, "Run"))
+            elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "run":
+                calls.append((node.lineno, node.col_offset, f.attr))
+    return [name for *_, name in sorted(calls)]
+
+
+def main_block(text) -> list[str]:
+    lines = text.splitlines()
+    start = lines.index('if __name__ == "__main__":')
+    return [ln for ln in lines[start:] if "plan.Algorithm(" not in ln]
+
+
+def test_phases_parse():
+    text = ("def main(args):\n    x = 1\n    for e in r:\n        # ---- A ----\n        a = 1\n\n"
+            "        # ---- B ----\n        b = 2\n    done = 3\n")
+    assert phases(text) == {"A": ["        a = 1"], "B": ["        b = 2"]}
 
 
 @pytest.mark.parametrize("script", COPIES)
-def test_shared_blocks_identical(script):
-    reference, copy = shared_blocks(_read(REFERENCE)), shared_blocks(_read(script))
-    assert set(copy) <= set(reference), f"{script}: shared blocks unknown to {REFERENCE}: {sorted(set(copy) - set(reference))}"
-    for name, block in reference.items():
-        assert name in copy, f"{script}: shared block {name!r} of {REFERENCE} is missing"
-        ref_lines, copy_lines = block.splitlines(), copy[name].splitlines()
-        if (script, name) in KNOWN:  # the script's block must still be the start of grpo.py's
-            ref_lines = ref_lines[:len(copy_lines)]
-        if copy_lines != ref_lines:
-            first = next((k for k, (a, b) in enumerate(zip(ref_lines, copy_lines)) if a != b),
-                         min(len(ref_lines), len(copy_lines)))
-            pytest.fail(f"{script}: shared block {name!r} differs from {REFERENCE} at its line {first + 1}")
+def test_the_same_phases_in_the_same_order(script):
+    reference, copy = phases(_read(REFERENCE)), phases(_read(script))
+    assert list(copy) == list(reference) == ["SAMPLING", "ADVANTAGES", "TRAINING", "LOGGING, EVALUATION, CHECKPOINT"]
+    for name in ("ADVANTAGES", "LOGGING, EVALUATION, CHECKPOINT"):
+        assert copy[name] == reference[name], f"{script}: the {name} phase differs from {REFERENCE}'s"
+
+
+@pytest.mark.parametrize("script", (REFERENCE, *COPIES))
+def test_the_run_is_driven_in_the_same_order(script):
+    calls = [c for c in run_calls(_read(script)) if c in SKELETON]
+    first = [c for i, c in enumerate(calls) if c not in calls[:i]]  # the order of first use
+    assert first == list(SKELETON), f"{script}: {first}"
+
+
+@pytest.mark.parametrize("script", COPIES)
+def test_the_entry_point_is_the_same(script):
+    assert main_block(_read(script)) == main_block(_read(REFERENCE))
+    assert sum("plan.Algorithm(" in ln for ln in _read(script).splitlines()) == 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data import (DataError, GroupSampler, Item, check_condition_images, gather_and_slice, load_image, load_split,
+from common.data import (DataError, GroupSampler, Item, check_condition_images, load_image, local_slice, load_split,
                          split_exists)
 
 
@@ -270,23 +270,16 @@ def test_sizes_must_be_positive(bad):
 # ---- gather ----
 
 
-def test_gather_and_slice_round_trip():
+def test_local_slice_round_trip():
     W = 3
     per_rank = [torch.arange(4, dtype=torch.float32).reshape(2, 2) + 10 * r for r in range(W)]
-
+    gathered = torch.cat(per_rank)  # what accelerator.gather returns: every rank's tensor, concatenated in rank order
     for r in range(W):
-        def fake_gather(v, r=r):  # what accelerator.gather returns: every rank's tensor, concatenated in rank order
-            assert torch.equal(v, per_rank[r])
-            return torch.cat(per_rank)
-
-        all_v, own = gather_and_slice(per_rank[r], fake_gather, r, W)
-        assert torch.equal(all_v, torch.cat(per_rank)) and torch.equal(own, per_rank[r])
-
+        assert torch.equal(local_slice(gathered, r, W), per_rank[r])
     x = torch.tensor([1.0, 2.0])
-    all_v, own = gather_and_slice(x, lambda v: v, 0, 1)  # one process: identity
-    assert torch.equal(all_v, x) and torch.equal(own, x)
+    assert torch.equal(local_slice(x, 0, 1), x)  # one process: identity
     with pytest.raises(ValueError, match="equal counts"):
-        gather_and_slice(x, lambda v: v, 0, 2)
+        local_slice(torch.ones(3), 0, 2)
 
 
 def test_sampler_plus_gather_keeps_groups_aligned():
@@ -295,9 +288,10 @@ def test_sampler_plus_gather_keeps_groups_aligned():
     s = GroupSampler(10, 4, 4, world_size=W, batch_size=B, seed=3)
     plan = s.plan(0)
     local = [torch.tensor(plan.local(r, W)[1], dtype=torch.float32) for r in range(W)]  # "reward" = group id
+    gathered = torch.cat(local)
+    assert gathered.tolist() == plan.groups
     for r in range(W):
-        all_v, own = gather_and_slice(local[r], lambda v: torch.cat(local), r, W)
-        assert all_v.tolist() == plan.groups and torch.equal(own, local[r])
+        assert torch.equal(local_slice(gathered, r, W), local[r])
 
 
 # ---- condition images (edit models): checked before any model loads ----

@@ -13,8 +13,11 @@ from tests.test_grpo import ENV, ROOT, read_metrics
 
 # the config file the README documents (2 CPU processes over gloo)
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "docs/accelerate/two_cpu_processes.yaml"]
-# one optimizer step per epoch: its micro-batches are the whole epoch's, however they split over processes
-FLAGS = ["--model", "flux1", "--tiny", "--log-with", "none", "--gradient-steps-per-epoch", "1", "--eval-every", "0"]
+# one optimizer step per epoch: its micro-batches are the whole epoch's, however they split over processes; a smooth
+# reward (the mean pixel): sharded and unsharded sums differ by rounding, which a JPEG size (a step function of the
+# 8-bit pixels) would turn into different scores, advantages and weights by the second epoch
+FLAGS = ["--model", "flux1", "--tiny", "--log-with", "none", "--gradient-steps-per-epoch", "1", "--eval-every", "0",
+         "--reward", "tests.test_rollout_width.brightness"]
 
 
 def _run(cmd, out, *extra):
@@ -34,10 +37,14 @@ def test_sharded_run_equals_one_process_and_resumes_exactly(tmp_path):
     assert "2 processes x 4 batches of 2" in r.stdout
     one, sharded = _lora(tmp_path / "one"), _lora(tmp_path / "fsdp")
     assert set(one) == set(sharded) and len(one) == 30
-    assert max((one[k] - sharded[k]).abs().max() for k in one) < 1e-5
+    # the sharded gradient is the unsharded one up to the order of its sums (grad_norm: equal, then 1.6e-6 relative,
+    # measured); AdamW's first steps g / sqrt(v) magnify that on near-zero components (LoRA max difference 5e-6)
+    assert max((one[k] - sharded[k]).abs().max() for k in one) < 5e-5
     assert max(one[k].abs().max() for k in one if "lora_B" in k) > 1e-4  # trained away from B = 0
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "fsdp"), strict=True):
-        assert abs(a["reward/jpeg_compressibility_mean"] - b["reward/jpeg_compressibility_mean"]) < 1e-6
+        assert abs(a["reward/tests.test_rollout_width.brightness_mean"]
+                   - b["reward/tests.test_rollout_width.brightness_mean"]) < 1e-6
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"]
     # the sharded export loads into the stock pipeline and predicts as the 1-process LoRA does
     preds = []
     for out in ("one", "fsdp"):

@@ -208,7 +208,7 @@ def test_plan_matches_add_lora_on_the_tiny_build(model):
 
 # ---- latent and token shapes at the preset size ---------------------------------------------------------------------
 def preset_size(model, variant):
-    a = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--model", model] +
+    a = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--model", model] +
                            (["--variant", variant] if variant else []))
     h, w = a.resolution[0], a.resolution[-1]
     if variant == "2.2-ti2v-5b":  # the Wan preset is the default variant's; TI2V-5B needs multiples of 32 (wan.py)
@@ -274,7 +274,12 @@ def test_latents_and_tokens_at_the_preset(model, variant):
 
 # ---- the memory plan ------------------------------------------------------------------------------------------------
 def grpo_args(model, *extra):
-    return parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--model", model, *extra])
+    return parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--model", model, *extra])
+
+
+GRPO = plan.Algorithm("GRPO", latents_per_sample=2)  # what grpo.py's --plan passes at --sde-window-size 1
+NFT = plan.Algorithm("NFT", weight_copies=("EMA", "old policy"))  # nft.py's
+AWM = plan.Algorithm("AWM", weight_copies=("EMA", "anchor", "epoch start"))  # awm.py's
 
 
 def rows_by_name(rows):
@@ -290,8 +295,8 @@ def test_build_meta_has_no_storage():
 def test_memory_plan_qwen_image_lora_grpo(monkeypatch, tmp_path):
     monkeypatch.setattr(plan, "ACTIVATIONS_JSON", str(tmp_path / "none.json"))
     args = grpo_args("qwen-image")
-    one = rows_by_name(plan.memory_plan(args, 1))
-    eight = rows_by_name(plan.memory_plan(args, 8, sharded=True))
+    one = rows_by_name(plan.memory_plan(args, GRPO, 1))
+    eight = rows_by_name(plan.memory_plan(args, GRPO, 8, sharded=True))
     tr = one["transformer (frozen base)"]
     assert tr.params == 20_430_401_088 and tr.bytes == 2 * tr.params  # bf16 under --mixed-precision bf16
     assert eight["transformer (frozen base)"].bytes == tr.bytes / 8  # FSDP shards the trained transformer
@@ -307,7 +312,7 @@ def test_memory_plan_qwen_image_lora_grpo(monkeypatch, tmp_path):
     assert lat8.params == lat.params / 8
     total = one["total, all on the GPU (--no-encode-once)"].bytes
     assert one["  training, encoders off the GPU (--encode-once)"].bytes == total - enc.bytes
-    text = plan.run_plan(args, num_processes=1)
+    text = plan.run_plan(args, GRPO, num_processes=1)
     assert "LoRA GRPO on one 80 GB GPU: fits" in text and "LoRA GRPO on 8 x 80 GB GPUs with FSDP: fits" in text
     assert "not included (not measured yet)" in text and "caveat: activations are not included" in text
     assert len(text.splitlines()) <= 30 and max(map(len, text.splitlines()[1:])) <= 120  # one screen
@@ -316,7 +321,7 @@ def test_memory_plan_qwen_image_lora_grpo(monkeypatch, tmp_path):
 def test_memory_plan_flux2_dev_needs_sharding(monkeypatch, tmp_path):
     # 32B transformer + 24B Mistral in bf16 are 105 GB while prompts are encoded: not on one GPU, fine on 8
     monkeypatch.setattr(plan, "ACTIVATIONS_JSON", str(tmp_path / "none.json"))
-    text = plan.run_plan(grpo_args("flux2"), num_processes=1)
+    text = plan.run_plan(grpo_args("flux2"), GRPO, num_processes=1)
     assert "LoRA GRPO on one 80 GB GPU: does NOT fit" in text
     assert "LoRA GRPO on 8 x 80 GB GPUs with FSDP: fits" in text
 
@@ -326,31 +331,31 @@ def test_memory_plan_full_finetune_and_other_scripts(monkeypatch, tmp_path):
     import nft
     monkeypatch.setattr(plan, "ACTIVATIONS_JSON", str(tmp_path / "none.json"))
     args = grpo_args("wan2_t2v", "--finetune", "full", "--kl-beta", "0.1", "--ref-device", "cpu")
-    rows = rows_by_name(plan.memory_plan(args, 1))
+    rows = rows_by_name(plan.memory_plan(args, GRPO, 1))
     tr = rows["transformer (trained)"]
     assert tr.dtype == "fp32" and tr.bytes == 4 * tr.params
     assert rows["gradients"].params == plan.tensor_count(meta_adapter("wan2_t2v", "2.1-1.3b").pipe.transformer,
                                                          buffers=False)
     assert rows["reference transformer (frozen copy)"].where == "cpu"  # --ref-device cpu: not in the GPU total
-    n = parse_with_presets(nft.Args, nft.PRESETS, nft.TINY_PRESETS, ["--model", "flux1"])
-    rows = rows_by_name(plan.memory_plan(n, 1))
+    n = parse_with_presets(nft.Args, nft.PRESETS, nft.TINY, ["--model", "flux1"])
+    rows = rows_by_name(plan.memory_plan(n, NFT, 1))
     lat = next(r for r in rows.values() if r.name.startswith("stored latents"))
     assert lat.params == 48 * 16 * 1 * 1024 * 64 and "EMA + old policy copies" in rows  # NFT: x0 only
-    a = parse_with_presets(awm.Args, awm.PRESETS, awm.TINY_PRESETS, ["--model", "flux1"])
-    assert "EMA + anchor + epoch start copies" in rows_by_name(plan.memory_plan(a, 1))
-    assert plan.run_plan(n, 1).startswith("NFT memory plan: flux1")
+    a = parse_with_presets(awm.Args, awm.PRESETS, awm.TINY, ["--model", "flux1"])
+    assert "EMA + anchor + epoch start copies" in rows_by_name(plan.memory_plan(a, AWM, 1))
+    assert plan.run_plan(n, NFT, 1).startswith("NFT memory plan: flux1")
 
 
 def test_memory_plan_of_an_args_like_object(monkeypatch, tmp_path):
-    # any object with the fields the scripts share works; missing ones take the scripts' defaults
+    # any object with the fields the scripts share works; missing ones take the RunArgs defaults
     from types import SimpleNamespace
     monkeypatch.setattr(plan, "ACTIVATIONS_JSON", str(tmp_path / "none.json"))
     rows = rows_by_name(plan.memory_plan(SimpleNamespace(model="sd3_5", variant="large", finetune="lora", lora_rank=32,
-                                                         mixed_precision="bf16", resolution=1024), 1))
+                                                         mixed_precision="bf16", resolution=1024), GRPO, 1))
     assert rows["transformer (frozen base)"].params == plan.tensor_count(meta_adapter("sd3_5", "large").pipe.transformer)
     assert any(r.startswith("LoRA weights (303 modules, r=32)") for r in rows)
     lat = next(r for r in rows.values() if r.name.startswith("stored latents"))
-    assert lat.params == 48 * 16 * 2 * 16 * 128 * 128 and lat.dtype == "fp32"  # (sde_window_size 1 + 1) fp32 latents
+    assert lat.params == 48 * 16 * 2 * 16 * 128 * 128 and lat.dtype == "fp16"  # (sde_window_size 1 + 1) fp16 latents
 
 
 def test_memory_plan_reads_measured_activations(monkeypatch, tmp_path):
@@ -359,14 +364,14 @@ def test_memory_plan_reads_measured_activations(monkeypatch, tmp_path):
     args = grpo_args("z-image")
     settings = plan.activation_settings(args)
     path.write_text(json.dumps({"runs": {"z-image:turbo": {"activation_gb": 12.5, "settings": settings}}}))
-    rows = rows_by_name(plan.memory_plan(args, 1))
+    rows = rows_by_name(plan.memory_plan(args, GRPO, 1))
     train = rows["  training, encoders off the GPU (--encode-once)"].bytes
     enc = rows["  encoding phase (--encode-once)"].bytes
     assert rows["static peak + activations"].bytes == max(enc, train + 12.5 * plan.GB)
-    assert "incl. measured activations" in plan.run_plan(args, 1)
+    assert "incl. measured activations" in plan.run_plan(args, GRPO, 1)
     path.write_text(json.dumps({"runs": {"z-image:turbo": {"activation_gb": 12.5,
                                                            "settings": dict(settings, batch_size=4)}}}))
-    assert "measured at other settings (12.5 GB at 512x512 x1, batch 4)" in plan.run_plan(args, 1)
+    assert "measured at other settings (12.5 GB at 512x512 x1, batch 4)" in plan.run_plan(args, GRPO, 1)
 
 
 # ---- bench/gpu.py ---------------------------------------------------------------------------------------------------

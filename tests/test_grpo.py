@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
-from common.cli import USER_ERRORS, parse_with_presets
+from common.cli import parse_with_presets
+from common.errors import USER_ERRORS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -25,7 +26,7 @@ def fresh_accelerator_state():
 
 
 def tiny_args(out, *extra):
-    return parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS,
+    return parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY,
                               ["--model", "flux1", "--tiny", "--output-dir", str(out), "--log-with", "none", *extra])
 
 
@@ -39,10 +40,10 @@ def test_presets_and_overrides():
     assert (a.resolution, a.group_size, a.reward) == ((64,), 4, ("jpeg_compressibility",))
     b = tiny_args("x", "--group-size", "8", "--prompts-per-epoch", "2")
     assert (b.group_size, b.prompts_per_epoch, b.resolution) == (8, 2, (64,))
-    full = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--model", "flux1"])
+    full = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--model", "flux1"])
     assert (full.resolution, full.mixed_precision, full.gradient_checkpointing) == ((512,), "bf16", True)
     with pytest.raises(SystemExit):
-        parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--tiny", "--no-such-flag", "1"])
+        parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--tiny", "--no-such-flag", "1"])
 
 
 def test_smoke_subprocess_writes_every_output(tmp_path):
@@ -208,7 +209,8 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
     ["--mixed-precision", "bf16", "--latent-storage-dtype", "bf16", "--gradient-checkpointing",
      "--attention-backend", "native"],
     ["--dynamics", "Dance-SDE", "--noise-level", "0.3", "--kl-beta", "0.1", "--kl-type", "v-based"],
-    ["--dynamics", "CPS", "--noise-level", "0.8", "--negative-prompt", "blurry", "--true-cfg-scale", "3.0",
+    ["--dynamics", "CPS", "--noise-level", "0.8", "--sde-window-range", "0", "3", "--negative-prompt", "blurry",
+     "--true-cfg-scale", "3.0",
      "--reward", "jpeg_compressibility:1.0", "jpeg_incompressibility:0.5", "--advantage-aggregation", "gdpo",
      "--num-inner-epochs", "2"],
 ], ids=["full-ft-kl", "bf16-ckpt", "dance-kl-v", "cps-cfg-gdpo"])

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from common import conditioning, models
-from common.cli import ConfigError
+from common.errors import ConfigError
 from common.data import GroupSampler, Item
 from tests.test_all_models import MODEL_NAMES
 from tests.test_grpo import ENV, ROOT, fresh_accelerator_state, read_metrics  # noqa: F401 (autouse fixture)

@@ -57,7 +57,7 @@ def test_summary_orders_metrics_shows_accuracies_in_percent_and_drops_repeats(tm
 
 
 def test_cpu_threads_are_the_cores_shared_by_the_machines_processes():
-    code = ("import os, torch; from common.cli import set_cpu_threads; set_cpu_threads(2); "
+    code = ("import os, torch; from common.launch import set_cpu_threads; set_cpu_threads(2); "
             "print(torch.get_num_threads(), len(os.sched_getaffinity(0)))")
     env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
     threads, cores = map(int, subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

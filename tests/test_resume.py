@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
-from common.cli import USER_ERRORS, parse_with_presets
+from common.cli import parse_with_presets
+from common.errors import USER_ERRORS
 
+from tests.helpers import checks_only
 from tests.test_grpo import ENV, ROOT, read_metrics
 
 FLAGS = ["--model", "flux1", "--tiny", "--log-with", "none", "--num-epochs", "3", "--save-every", "1",
@@ -118,7 +120,7 @@ def test_a_checkpoint_of_another_algorithm_is_refused_before_loading(tmp_path):
                         "--eval-every", "0", "--output-dir", str(out)], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--model", "flux1", "--tiny",
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--model", "flux1", "--tiny",
                               "--resume-from", "latest", "--output-dir", str(out)])
     with pytest.raises(USER_ERRORS, match=r"a checkpoint of nft.py, not of grpo.py"):
-        grpo.check_args(args, 1)
+        checks_only("grpo", args)

@@ -151,6 +151,15 @@ def test_rollout_keeps_only_needed_latents():
     assert ode.latents == {} and torch.allclose(ode.final, -torch.ones(2, 3))
 
 
+def test_cps_last_step_is_deterministic_and_has_no_log_prob():
+    # CPS's std is sigma_next sin(eta pi / 2): 0 on the step to sigma 0, whose z_next is the mean itself
+    sig = torch.tensor([1.0, 0.5, 0.0])
+    traj = sampler.rollout(lambda z, i: torch.ones_like(z), torch.zeros(2, 3), sig, sde_steps=[0, 1], eta=0.8,
+                           dynamics="CPS", keep_means=True, generator=torch.Generator().manual_seed(0))
+    assert sorted(traj.log_probs) == [0] and sorted(traj.means) == [0, 1]
+    assert torch.equal(traj.final, traj.means[1]) and traj.rows(slice(0, 1)).final.shape == (1, 3)
+
+
 def test_flux1_schedule_formula():  # I.1-1/2: pipeline schedule == fp64 formula, static == dynamic(ln S)
     from diffusers import FlowMatchEulerDiscreteScheduler
     from common.models.flux1 import Flux1Adapter

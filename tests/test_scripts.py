@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import models
-from common.cli import USER_ERRORS
+from common.errors import USER_ERRORS
 from tests.helpers import POLICY_EMA, SCRIPTS, tiny_args, tiny_run
 from tests.test_grpo import ENV, ROOT, fresh_accelerator_state, read_metrics  # noqa: F401 (autouse fixture)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import shapes
+from rewards import shapes_world as shapes
 from rewards.shapes import check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ def fresh_accelerator_state():
 def _shapes_args(out, *extra):
     import grpo
     from common.cli import parse_with_presets
-    return parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY_PRESETS, ["--output-dir", str(out), *extra])
+    return parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--output-dir", str(out), *extra])
 
 
 def _metrics(out):

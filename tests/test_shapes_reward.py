@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from common.shapes import CATEGORIES, all_prompts, render
+from rewards.shapes_world import CATEGORIES, all_prompts, render
 from rewards import RewardError, load_rewards
 from rewards.shapes import check
 

@@ -158,13 +158,13 @@ def worker(scenario, out):
             from safetensors.torch import save_file
             save_file(sd, os.path.join(out, "flux1_lora.safetensors"))
             save_file(sd_ema, os.path.join(out, "flux1_lora_ema.safetensors"))
-            sharding.save_lora(a, os.path.join(out, "flux1_lora_export"), sd)
+            checkpoint.save_lora(a, os.path.join(out, "flux1_lora_export"), sd)
         # FLUX.1 full fine-tuning
         a, module, params, *_ = run("flux1", "full", range(2))
         write("flux1_full", params)
         sd = sharding.full_state_dict(module, trainable_only=False)
         if rank == 0:
-            sharding.save_full(a, os.path.join(out, "flux1_full_export"), sd)
+            checkpoint.save_full(a, os.path.join(out, "flux1_full_export"), sd)
         # Wan2.2-A14B, LoRA on both experts, rows of both experts on every rank, gradient checkpointing
         a, module, params, *_ = run("wan", "lora", range(2), checkpointing=True)
         sd = sharding.full_state_dict(module)
@@ -172,7 +172,7 @@ def worker(scenario, out):
             assert set(sd) == set(params)
             from safetensors.torch import save_file
             save_file(sd, os.path.join(out, "wan_lora.safetensors"))
-            sharding.save_lora(a, os.path.join(out, "wan_lora_export"), sd)
+            checkpoint.save_lora(a, os.path.join(out, "wan_lora_export"), sd)
         # Wan2.2-A14B, only the low-noise expert trains (the high one rides along unsharded)
         a, module, params, *_ = run("wan", "lora", range(2), experts="low")
         write("wan_low_lora", params)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from common import models
-from common.cli import ConfigError, parse_with_presets
-from common.data import DataError
+from common.cli import parse_with_presets
+from common.errors import ConfigError, DataError
 from common.video import read_video, write_video
+from tests.helpers import checks_only
 from tests.test_grpo import ENV, ROOT, fresh_accelerator_state, read_metrics  # noqa: F401 (autouse fixture)
 
 # (script, model, variant): each distinct tiny architecture that the default-variant runs do not cover
@@ -47,7 +48,7 @@ def test_every_wan_architecture_runs_and_exports_loadable_lora(tmp_path):
 
 def _args(script, *argv):
     mod = __import__(script)
-    return mod, parse_with_presets(mod.Args, mod.PRESETS, mod.TINY_PRESETS, list(argv))
+    return mod, parse_with_presets(mod.Args, mod.PRESETS, mod.TINY, list(argv))
 
 
 @pytest.mark.parametrize("argv,error,match", [
@@ -65,7 +66,7 @@ def _args(script, *argv):
 def test_bad_video_flags_stop_before_loading(argv, error, match):
     grpo, args = _args("grpo", *argv)
     with pytest.raises(error, match=match):
-        grpo.check_args(args, 1)
+        checks_only("grpo", args)
 
 
 def test_training_sigmas_outside_the_trained_expert_stop_nft_and_awm():
@@ -74,12 +75,12 @@ def test_training_sigmas_outside_the_trained_expert_stop_nft_and_awm():
     for script in ("nft", "awm"):
         mod, args = _args(script, *base, "--time-sampler", "uniform", "--timestep-range", "0.5", "0.9")  # 0.1-0.5
         with pytest.raises(ConfigError, match="training sigmas \\(0.1, 0.5\\) never reach transformer;"):
-            mod.check_args(args, 1)
+            checks_only(script, args)
         mod, args = _args(script, *base, "--time-sampler", "discrete")  # range 0-0.7 draws steps 0-2
         with pytest.raises(ConfigError, match="steps \\[0, 1, 2\\] reach transformer_2, which does not train"):
-            mod.check_args(args, 1)
+            checks_only(script, args)
         mod, args = _args(script, *base, "--time-sampler", "discrete", "--timestep-range", "0", "0.2")  # step 0
-        mod.check_args(args, 1)
+        checks_only(script, args)
 
 
 def _video_dataset(tmp_path, rows, make=("clip.mp4",)):
@@ -101,14 +102,14 @@ def test_bad_video_file_names_the_row(tmp_path, problem):
     want = "train.jsonl:2: video not found: .*bad.mp4" if problem == "missing" else \
         "train.jsonl:2: unreadable video .*bad.mp4"
     with pytest.raises(DataError, match=want):
-        grpo.check_args(args, 1)
+        checks_only("grpo", args)
 
 
 def test_image_to_video_row_without_image_names_the_row(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "a cat walks"}) + "\n")
     grpo, args = _args("grpo", "--model", "wan2_i2v", "--tiny", "--dataset", str(tmp_path))
     with pytest.raises(DataError, match="train.jsonl:1: wan2_i2v needs exactly one condition image"):
-        grpo.check_args(args, 1)
+        checks_only("grpo", args)
 
 
 SEEN = []

@@ -1,7 +1,8 @@
 """Model registry: `--model NAME` -> adapter class. Imports are lazy so a bad name fails before torch work."""
 import importlib
 
-from common.models.base import Adapter, ModelError
+from common.errors import ModelError
+from common.models.base import Adapter
 
 MODELS = {
     "flux1": "common.models.flux1:Flux1Adapter",
@@ -14,8 +15,8 @@ MODELS = {
     "flux2-klein": "common.models.flux2:Flux2KleinAdapter",
     "wan2_t2v": "common.models.wan:WanT2VAdapter",
     "wan2_i2v": "common.models.wan:WanI2VAdapter",
-    # the embedded shapes model (models/shapes-flux) is a FLUX.1-architecture pipeline: same adapter
-    "shapes": "common.models.flux1:Flux1Adapter",
+    # the embedded shapes model (models/shapes-flux): a FLUX.1-architecture pipeline, the FLUX.1 adapter with its preset
+    "shapes": "common.models.flux1:ShapesAdapter",
 }
 
 
@@ -36,10 +37,3 @@ def load(name: str, path=None, tiny=False, device="cpu", dtype=None, variant=Non
     return adapter_class(name).load(path, tiny=tiny, device=device, dtype=dtype or torch.float32, variant=variant,
                                     condition_max_pixels=condition_max_pixels, **options)
 
-
-def ddp_kwargs(args):
-    """accelerate's DDP options for a run: when both Wan2.2-A14B experts train, each step runs only one of them,
-    so DDP must look for parameters that got no gradient (find_unused_parameters)."""
-    from accelerate.utils import DistributedDataParallelKwargs
-    experts = adapter_class(args.model, args.variant).expert_steps(args.variant, 1)
-    return DistributedDataParallelKwargs(find_unused_parameters=len(experts) > 1 and args.train_experts == "both")

@@ -5,6 +5,7 @@ first: encode prompts once per batch, draw the initial noise, build the pipeline
 predict a velocity (CFG included), decode to images in [0, 1]. `predict` is a pure function of its
 inputs so training can re-run it at stored latents. Sampler math lives in common/sampler.py.
 """
+import copy
 import hashlib
 import os
 import re
@@ -14,9 +15,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-
-class ModelError(ValueError):
-    """One clear line about a model path, LoRA target or model option."""
+from common.errors import ModelError
 
 
 def is_local_path(path) -> bool:
@@ -36,6 +35,10 @@ def pad_cat(tensors):
     return torch.cat([pad_to(t, n) for t in tensors])
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the embedded model, demo data
+RAGGED_TEXT_TOKENS = 128  # Z-Image / Qwen-Image keep only the prompt's own tokens: the plan assumes this length
+
+
 class Adapter:
     name = "base"
     pipeline_cls = None            # diffusers pipeline class (save_lora_weights, from_pretrained)
@@ -50,6 +53,8 @@ class Adapter:
     # the model's recommended sampling settings (ALGORITHMS.md H), shared by every algorithm script; a script's
     # PRESETS[name] adds its algorithm's settings on top (common/cli.py); the Args defaults are FLUX.1-dev's
     preset: dict = {}
+    tiny_preset: dict = {}  # what --tiny needs beyond common.args.TINY (edit datasets, video frames)
+    full_configs: dict = {}  # variant -> {component: (class, kwargs)}: the published architecture (common/plan.py)
     unguided = (1.0, 1.0)  # (guidance_scale, true_cfg_scale) of a guidance-free forward (NFT/AWM training)
     size_multiple = 16     # height and width must be multiples of this (VAE x8, then 2x2 patches or packing)
     video = False          # video models: latents carry a frame axis and num_frames may be 4k+1
@@ -113,8 +118,21 @@ class Adapter:
         return {"transformer": list(range(num_steps))}
 
     @classmethod
+    def find_unused_parameters(cls, variant, train_experts) -> bool:
+        """DDP's option: when both Wan2.2-A14B experts train, each step runs only one of them, so DDP must look for
+        trained parameters that got no gradient."""
+        return len(cls.expert_steps(variant, 1)) > 1 and train_experts == "both"
+
+    @classmethod
     def build_tiny(cls, variant=None):
         raise NotImplementedError(f"{cls.name} has no tiny build")
+
+    def condition_elements(self, settings, latent_grid=None) -> tuple[int, str]:
+        """The memory plan's estimate (common/plan.py) of the elements per sample of the conditioning a rollout keeps
+        with each sample (prompt embeddings, doubled by a negative prompt; pooled vectors; condition-image latents),
+        and what it assumed. `settings`: max_sequence_length, negative_prompt and condition_max_pixels; `latent_grid`:
+        (frames, height, width) of a video's latents."""
+        raise ModelError(f"no conditioning estimate for {self.name}")
 
     # ---- the RL interface (model-specific) ------------------------------------------------------
     def encode_prompt(self, prompts, negative_prompts=None, max_sequence_length=512, images=None, state=None) -> dict:
@@ -204,6 +222,13 @@ class Adapter:
             outs.append(forward(z[rows], s, sub, layout))
             order += rows
         return torch.cat(outs)[torch.argsort(torch.tensor(order))]
+
+    def with_transformer(self, module) -> "Adapter":
+        """A view of this adapter that predicts with `module` (the frozen reference copy of a full fine-tuning run)
+        in place of its transformer; everything else is shared, and this adapter is left as it is."""
+        view = copy.copy(self)
+        view.transformer = module
+        return view
 
     @staticmethod
     def select(cond: dict, index) -> dict:

@@ -5,12 +5,14 @@ packed grid; the transformer takes t/1000; FLUX.1-dev has a distilled guidance e
 optional true CFG with a negative prompt (`true_cfg_scale` > 1), batched with the positive pass;
 schedule = linspace(1, 1/N, N) exponentially shifted with mu from the token count (calculate_shift).
 """
+import os
+
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
 from common.models import tiny_parts
-from common.models.base import Adapter
+from common.models.base import ROOT, Adapter
 
 
 # FLUX.1-dev's scheduler_config.json: exponential dynamic shift with mu from the token count
@@ -77,6 +79,10 @@ class Flux1Adapter(Adapter):
                             encode([n or "" for n in negative_prompts])))
         return cond
 
+    def condition_elements(self, settings, latent_grid=None):
+        text = settings.max_sequence_length * self.config.joint_attention_dim + self.config.pooled_projection_dim
+        return text * (2 if settings.negative_prompt is not None else 1), ""
+
     def make_state(self, height, width, num_frames=1):
         h, w = self._latent_hw(height, width)
         ids = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
@@ -120,3 +126,19 @@ class Flux1Adapter(Adapter):
         x = x / vae.config.scaling_factor + vae.config.shift_factor
         img = vae.decode(x, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(img, output_type="pt").float()
+
+
+class ShapesAdapter(Flux1Adapter):
+    """The embedded shapes world's model (models/shapes-flux, README): a 2.3M-parameter FLUX.1-architecture
+    pipeline trained on the shapes world (rewards/shapes_world.py), run in full on a CPU."""
+    name = "shapes"
+    hub_id = os.path.join(ROOT, "models", "shapes-flux")
+    full_configs = {}  # it is its own full size: no memory plan
+    # every algorithm on the shapes world: its 64 px images, 10 steps, true CFG against the empty prompt, the
+    # rule-checked reward, full fine-tuning in fp32, evaluation on the 480 held-out rows (a script adds its own)
+    preset = dict(model_path=hub_id, dataset=os.path.join(ROOT, "datasets", "shapes"), reward=("shapes",),
+                  resolution=64, eval_resolution=64, num_steps=10, eval_num_steps=10, guidance_scale=1.0,
+                  true_cfg_scale=3.0, negative_prompt="", max_sequence_length=16, group_size=8, prompts_per_epoch=8,
+                  batch_size=16, finetune="full", learning_rate=3e-5, mixed_precision="no",
+                  gradient_checkpointing=False, latent_storage_dtype="fp32", eval_num_prompts=480,
+                  eval_batch_size=64, ema_decay=0.5, ema_interval=1, log_with="none", output_dir="{output_dir}-shapes")

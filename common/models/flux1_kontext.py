@@ -12,12 +12,14 @@ pipeline's bucket exactly (a few buckets are up to 1.3% larger); a smaller value
 at that area, each side rounded down to a multiple of 16 (so the area stays within it).
 """
 import math
+import os
 
 import torch
 from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-from common.models.base import ModelError, pad_cat
+from common.errors import ModelError
+from common.models.base import ROOT, pad_cat
 from common.models.flux1 import Flux1Adapter
 
 BUCKET_AREA = 1024 * 1024  # the nominal area of PREFERRED_KONTEXT_RESOLUTIONS
@@ -27,6 +29,7 @@ class Flux1KontextAdapter(Flux1Adapter):
     name = "flux1-kontext"
     pipeline_cls = FluxKontextPipeline
     preset = dict(guidance_scale=2.5, batch_size=1)
+    tiny_preset = dict(dataset=os.path.join(ROOT, "datasets", "demo-edit"), condition_max_pixels=64 * 64)
     hub_id = "black-forest-labs/FLUX.1-Kontext-dev"
     condition_images = "one"
     default_condition_max_pixels = BUCKET_AREA
@@ -35,6 +38,11 @@ class Flux1KontextAdapter(Flux1Adapter):
     def build_tiny(cls, variant=None):
         # Kontext adds no module to FLUX.1, only the token layout: the same tiny components
         return FluxKontextPipeline(**super().build_tiny().components)
+
+    def condition_elements(self, settings, latent_grid=None):
+        text, _ = super().condition_elements(settings)
+        area = settings.condition_max_pixels or BUCKET_AREA
+        return text + area // 256 * (self.config.in_channels + 3), "1 condition image"  # its packed latents and ids
 
     def condition_size(self, image):
         """(height, width) the condition image is resized to: the pipeline's bucket, capped (module doc)."""

@@ -21,8 +21,9 @@ from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
+from common.errors import ModelError
 from common.models import tiny_parts
-from common.models.base import Adapter, ModelError, pad_cat
+from common.models.base import Adapter, pad_cat
 from common.models.z_image import QWEN3_4B
 
 # FLUX.2's scheduler_config.json (FLUX.1-dev's values); mu is passed explicitly, so base/max shift are unused
@@ -197,6 +198,11 @@ class Flux2Adapter(Adapter):
     def sigmas(self, num_steps, state):
         mu = compute_empirical_mu(image_seq_len=state["seq_len"], num_steps=num_steps)
         return self.scheduler_sigmas(num_steps, np.linspace(1.0, 1 / num_steps, num_steps), mu)
+
+    def condition_elements(self, settings, latent_grid=None):
+        negative = settings.negative_prompt is not None and self._true_cfg_model  # only klein base runs CFG
+        text = settings.max_sequence_length * self.config.joint_attention_dim
+        return text * (2 if negative else 1), "no reference images"
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         """true_cfg_scale is unused: neither FLUX.2 pipeline has one (klein base's CFG scale is guidance_scale)."""

@@ -20,6 +20,7 @@ VAE_IMAGE_SIZE, 1024^2, up or down), both multiples of 32 with the aspect kept. 
 latents follow the target tokens on the sequence; the output is sliced back to the target. The edit pipeline
 does not truncate its text embeddings, so `max_sequence_length` is unused there.
 """
+import os
 
 import torch
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
@@ -30,8 +31,9 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 # component's module when it saves or loads a pipeline holding ImageOnlyQwen2VLProcessor
 from transformers import ProcessorMixin  # noqa: F401
 
+from common.errors import ModelError
 from common.models import tiny_parts
-from common.models.base import Adapter, ModelError, pad_cat, pad_to
+from common.models.base import RAGGED_TEXT_TOKENS, ROOT, Adapter, pad_cat, pad_to
 
 # Qwen-Image's scheduler_config.json (MODELS.md 3.5); real checkpoints bring their own
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
@@ -169,6 +171,14 @@ class QwenImageAdapter(Adapter):
     def sigmas(self, num_steps, state):
         return self.shifted_sigmas(num_steps, state["seq_len"])
 
+    def condition_elements(self, settings, latent_grid=None):
+        tokens = min(settings.max_sequence_length, RAGGED_TEXT_TOKENS)
+        text = tokens * self.config.joint_attention_dim * (2 if settings.negative_prompt is not None else 1)
+        if self.condition_images == "none":
+            return text, f"{tokens} tokens"
+        area = settings.condition_max_pixels or self.default_condition_max_pixels
+        return text + area // 256 * self.config.in_channels, f"{tokens} tokens, 1 condition image"
+
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         return self.per_condition_layout(z, sigma, cond, lambda z, sigma, cond, layout: self._forward(
             z, sigma, cond, state, layout, guidance_scale, true_cfg_scale))
@@ -218,6 +228,7 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
     pipeline_cls = QwenImageEditPlusPipeline
     preset = dict(resolution=384, eval_resolution=1024, eval_num_steps=40, true_cfg_scale=4.0, negative_prompt=" ",
                   batch_size=1)
+    tiny_preset = dict(dataset=os.path.join(ROOT, "datasets", "demo-edit"), condition_max_pixels=64 * 64)
     variants = {"2511": "Qwen/Qwen-Image-Edit-2511", "2509": "Qwen/Qwen-Image-Edit-2509"}
     hub_id = "Qwen/Qwen-Image-Edit-2511"
     condition_images = "many"

@@ -15,8 +15,9 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextModelWithProjection
 
+from common.errors import ModelError
 from common.models import tiny_parts
-from common.models.base import Adapter, ModelError
+from common.models.base import Adapter
 from common.models.flux1 import CLIP_L, FLUX_VAE, T5_XXL
 
 # ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
@@ -111,6 +112,10 @@ class SD3Adapter(Adapter):
                                  cfg.get("max_shift", 1.16))
         # no custom sigmas: the pipeline leaves the grid to the scheduler (MODELS.md pitfall 9)
         return self.scheduler_sigmas(num_steps, mu=mu)
+
+    def condition_elements(self, settings, latent_grid=None):
+        text = (77 + settings.max_sequence_length) * self.config.joint_attention_dim + self.config.pooled_projection_dim
+        return text * (2 if settings.negative_prompt is not None else 1), ""
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         # SD3 has no true_cfg_scale: guidance_scale is its (true) CFG scale

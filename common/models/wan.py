@@ -40,8 +40,9 @@ from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
 from torch import nn
 from transformers import CLIPVisionModelWithProjection, UMT5EncoderModel
 
+from common.errors import ModelError
 from common.models import tiny_parts
-from common.models.base import Adapter, ModelError
+from common.models.base import ROOT, Adapter
 
 EXPERTS = ("transformer", "transformer_2")  # high-noise, low-noise (Wan2.2-A14B)
 TRAIN_EXPERTS = {"high": ("transformer",), "low": ("transformer_2",), "both": EXPERTS}
@@ -376,6 +377,10 @@ class _WanAdapter(Adapter):
         # negatives always: CFG is decided per forward (guidance_scale > 1), as in the pipeline
         return {"prompt_embeds": encode(list(prompts)), "neg_prompt_embeds": encode(negs)}
 
+    def condition_elements(self, settings, latent_grid=None):
+        # Wan always encodes the negative prompt ("" by default)
+        return 2 * settings.max_sequence_length * self.config.text_dim, ""
+
     def _latent_grid(self, height, width, num_frames):
         s = self.pipe.vae_scale_factor_spatial
         # from the loaded pipeline (a --model-path folder may not be the named variant)
@@ -486,6 +491,7 @@ class WanT2VAdapter(_WanAdapter):
              "2.2-ti2v-5b": ("5b", 5.0, None, 32), "2.2-a14b": ("a14b", 3.0, 0.875, 16)}
     condition_images = "none"
     preset = T2V_PRESET
+    tiny_preset = dict(num_frames=5, eval_num_frames=5)
     full_configs = {"2.1-1.3b": _wan_full(_WAN_1_3B), "2.1-14b": _wan_full(_WAN_14B),
                     "2.2-ti2v-5b": _wan_full(_WAN_5B, _WAN_VAE_22), "2.2-a14b": _wan_full(_WAN_14B, experts=2)}
 
@@ -519,6 +525,8 @@ class WanI2VAdapter(_WanAdapter):
     condition_images = "one"
     # as T2V (VIDEO.md: the 2.1-I2V-14B-480P recipe trains at 240 px, 5 frames) with the reference recipe's CFG 5.0
     preset = dict(T2V_PRESET, guidance_scale=5.0)
+    # --tiny: the demo edit dataset's images as first frames
+    tiny_preset = dict(num_frames=5, eval_num_frames=5, dataset=os.path.join(ROOT, "datasets", "demo-edit"))
     # 480P and 720P share the architecture; TI2V-5B is the same checkpoint as in text-to-video
     full_configs = {"2.1-14b-480p": _wan_full(_WAN_21_I2V, image_encoder=True),
                     "2.1-14b-720p": _wan_full(_WAN_21_I2V, image_encoder=True),
@@ -553,6 +561,14 @@ class WanI2VAdapter(_WanAdapter):
 
     def _min_frames(self):
         return 5 if self.expand_timesteps else 1
+
+    def condition_elements(self, settings, latent_grid=None):
+        text, _ = super().condition_elements(settings)
+        f, h, w = latent_grid
+        if self.config.in_channels == 48:  # TI2V-5B: the condition is latent frame 0
+            return text + 48 * h * w, ""
+        # 4 mask + 16 latent channels over the video's latent grid, and the CLIP image tokens
+        return text + 20 * f * h * w + (257 * self.config.image_dim if self.config.image_dim else 0), ""
 
     def prepare_noise(self, n, height, width, generator=None, num_frames=1):
         z = self._noise(n, height, width, generator, num_frames)

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen3Config, Qwen3Model
 
 from common.models import tiny_parts
-from common.models.base import Adapter
+from common.models.base import RAGGED_TEXT_TOKENS, Adapter
 from common.models.flux1 import FLUX_VAE
 
 # Z-Image-Turbo's scheduler_config.json (the tiny base variant reuses it)
@@ -109,6 +109,11 @@ class ZImageAdapter(Adapter):
     @staticmethod
     def _captions(emb, lens):
         return [e[:n] for e, n in zip(emb, lens.tolist())]
+
+    def condition_elements(self, settings, latent_grid=None):
+        tokens = min(settings.max_sequence_length, RAGGED_TEXT_TOKENS)
+        negative = settings.negative_prompt is not None
+        return tokens * self.config.cap_feat_dim * (2 if negative else 1), f"{tokens} tokens"
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         n = z.shape[0]

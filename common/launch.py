@@ -1,0 +1,85 @@
+"""What each process of a run needs from its launch (`python script.py` or `accelerate launch`): CPU threads per
+process, a user error printed as one line once per machine, and an end that never hangs."""
+import contextlib
+import os
+import sys
+import time
+
+from common.errors import USER_ERRORS
+
+
+def set_cpu_threads(world_size):
+    """On a CPU without OMP_NUM_THREADS: torch threads = the cores this process may use / the processes of this
+    machine (torch's own default gives every process every core, which oversubscribes under accelerate launch).
+    OMP_NUM_THREADS=N overrides it; on a busy machine OMP_NUM_THREADS=1 is much faster (README)."""
+    import torch
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+
+
+def end_processes(accelerator):
+    """The last call of a run, in place of accelerator.end_training() (COLLECTIVE). One process: end_training().
+    Several: a barrier, the trackers finish, and every process exits at once with code 0, skipping the process
+    group's teardown. Why: freeing DDP's reducer or the process group (in end_training's destroy_process_group, or
+    at interpreter exit) joins gloo's worker threads while holding the GIL, and a worker still releasing the last
+    collective's work needs the GIL to free that work's tensors: a deadlock at exit, seen in 1 of 30 2-process CPU
+    launches (py-spy: the main thread in ~ProcessGroupGloo -> std::thread::join, the worker in ~AsyncWork ->
+    gil_scoped_acquire; bench/launch_exits.py). gloo has no shutdown that joins its workers first. Everything of
+    the run is written and closed before this call; stdout and stderr are flushed."""
+    if accelerator.num_processes <= 1:
+        accelerator.end_training()
+        return
+    accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _peer_lost(e) -> bool:
+    """A collective failed because another process stopped (gloo: the peer closed its connection)."""
+    import torch.distributed as dist
+    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and "closed by peer" in str(e)
+
+
+def _clear_bars():
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
+@contextlib.contextmanager
+def errors_as_one_line(grace_seconds=5.0):
+    """Around a script's main(): a user error (USER_ERRORS) becomes `error: ...` on stderr, exit code 1, no
+    traceback. Under `accelerate launch` (WORLD_SIZE > 1) every process meets the same error (the checks are the
+    same on every rank), so local rank 0 prints it and the others wait `grace_seconds` first: the launcher stops
+    them as soon as rank 0 has exited, so the line is printed once per machine; an error of one rank alone (a reward
+    raising on its own rows) is printed by that rank after the wait, and the processes whose collectives then fail
+    for want of it exit quietly (their traceback would only say a peer left). Launched processes end without
+    Python's teardown (os._exit; end_processes says why)."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if not _launched():
+            _clear_bars()
+            sys.exit(f"error: {e}")
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            time.sleep(grace_seconds)
+        _clear_bars()
+        sys.stdout.flush()
+        print(f"\nerror: {e}", file=sys.stderr, flush=True)  # on its own line, after another rank's progress bar
+        os._exit(1)
+    except Exception as e:
+        if _launched() and _peer_lost(e):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        raise

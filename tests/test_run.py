@@ -1,0 +1,96 @@
+"""common/run.py's pieces against independent formulas on the tiny FLUX.1: gradient accumulation and the optimizer
+step (fp64 AdamW by hand), the reference velocity (the base model's, with nothing swapped or changed), training
+statistics without a ratio, and the rewards (each spec parsed once, each remote reward health-checked once)."""
+import pytest
+import torch
+
+import rewards
+from common import models
+from common.run import Run
+from common.tracking import TrainStats, epoch_stats
+from rewards.remote import PROTOCOL, RemoteReward
+from tests.helpers import tiny_args
+from tests.test_grpo import fresh_accelerator_state  # noqa: F401 (autouse fixture)
+
+
+def tiny_run(tmp_path, *extra):
+    return Run(tiny_args("grpo", tmp_path / "run", *extra), "grpo.py", trained_steps=range(0, 4))
+
+
+def test_accumulate_steps_once_on_the_mean_gradient(tmp_path):
+    run = tiny_run(tmp_path, "--learning-rate", "0.01", "--weight-decay", "0.1", "--max-grad-norm", "0.05")
+    params = list(run.params.values())
+    before = [p.detach().double().clone() for p in params]
+    weights = (1.0, 3.0)  # loss_i = w_i sum_p sum(p^2): d/dp = 2 w_i p
+    for k, w in enumerate(weights):
+        with run.accumulate(len(weights)):
+            run.backward(w * sum((p**2).sum() for p in params))
+        if k == 0:  # no step yet: the weights are untouched
+            assert run.global_step == 0 and all(torch.equal(p.double(), b) for p, b in zip(params, before))
+    assert run.global_step == 1
+    grads = [2 * sum(weights) / len(weights) * b for b in before]  # the mean loss's gradient
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    assert float(run.grad_norm) == pytest.approx(norm.item(), rel=1e-5)  # the norm before clipping
+    scale = min(1.0, 0.05 / (norm.item() + 1e-6))
+    for p, b, g in zip(params, before, grads):  # AdamW's first step: m_hat = g, v_hat = g^2
+        g = g * scale
+        want = b * (1 - 0.01 * 0.1) - 0.01 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_reference_velocity_is_the_base_model_and_changes_nothing(tmp_path, finetune):
+    extra = ["--kl-beta", "0.1"] + (["--finetune", "full", "--learning-rate", "1e-5"] if finetune == "full" else [])
+    run = tiny_run(tmp_path, *extra)
+    base = models.load("flux1", tiny=True)  # the untrained model, built alike
+    cond = base.encode_prompt(["a red cube", "a cat"], None, 32)
+    z = base.prepare_noise(2, 64, 64, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = base.predict(z, 0.6, cond, run.state, 3.5)
+        for p in run.params.values():  # train away from the base
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    transformer, weights = run.adapter.transformer, {n: p.detach().clone() for n, p in run.params.items()}
+    v_ref = run.reference_velocity(z, 0.6, cond)
+    torch.testing.assert_close(v_ref, want, rtol=0, atol=1e-6)
+    assert run.adapter.transformer is transformer  # nothing swapped in
+    assert all(torch.equal(p, weights[n]) for n, p in run.params.items())
+    with torch.no_grad():
+        assert (run.velocity(z, 0.6, cond) - want).abs().max() > 1e-4  # the trained policy moved
+
+
+def test_stats_without_a_ratio():
+    class One:  # a one-process accelerator: reduce and gather are the identity
+        device = torch.device("cpu")
+
+        def reduce(self, x, op):
+            return x
+
+        def gather(self, x):
+            return x
+
+    stats = TrainStats()
+    losses = [torch.tensor(1.5), torch.tensor(-0.25), torch.tensor(2.0)]
+    for loss in losses:
+        stats.add(loss=loss, kl=loss * 0)
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0])
+    out = epoch_stats(One(), {"r": torch.tensor([0.5, 1.5])}, adv, stats)
+    assert out["train/loss"] == pytest.approx(sum(float(x) for x in losses) / 3, rel=1e-7)
+    assert out["adv/zero_frac"] == 0.5 and out["reward/r_mean"] == 1.0
+    assert not any("ratio" in k for k in out)
+    stats.add(loss=torch.tensor(0.0), ratio=torch.tensor([1.0, 1.25]))
+    stats.add(loss=torch.tensor(0.0), ratio=torch.tensor([0.5]))
+    out = epoch_stats(One(), {}, adv, stats)
+    assert (out["train/ratio_min"], out["train/ratio_max"], out["train/onpolicy_ratio_dev"]) == (0.5, 1.25, 0.25)
+    assert out["train/ratio_mean"] == pytest.approx(2.75 / 3)
+
+
+def test_rewards_are_parsed_and_checked_once_per_process(tmp_path, monkeypatch):
+    parsed, health = [], []
+    parse = rewards.parse_spec
+    monkeypatch.setattr(rewards, "parse_spec", lambda spec: parsed.append(spec) or parse(spec))
+    monkeypatch.setattr(RemoteReward, "_health", lambda self: health.append(self.url) or {"protocol": PROTOCOL})
+    monkeypatch.setattr(RemoteReward, "__call__", lambda self, images, prompts, metadata: torch.zeros(len(images)))
+    specs = ["remote=http://127.0.0.1:9/:0.5", "jpeg_compressibility"]
+    run = tiny_run(tmp_path, "--reward", *specs)  # the checks, the model, the rewards and their probe
+    assert sorted(parsed) == sorted(specs) and len(health) == 1
+    assert run.reward_set.names == ["remote", "jpeg_compressibility"] and run.reward_set.weights["remote"] == 0.5
