@@ -192,4 +192,4 @@ def check_rewards(reward_set, adapter, args, items):
     rows = (items * 2)[:2]
     h, w = height_width(args.resolution)
     shape = (len(rows), args.num_frames, 3, h, w) if adapter.video else (len(rows), 3, h, w)
-    reward_set.score(torch.full(shape, 0.5), [it.prompt for it in rows], data.reward_metadata(rows))
+    data.score(reward_set, rows, torch.full(shape, 0.5))

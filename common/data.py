@@ -182,6 +182,11 @@ def load_video(path: str) -> tuple[torch.Tensor, float]:
 load_video.cache_clear = _VIDEO_CACHE.clear
 
 
+def score(reward_set, items: list[Item], images) -> dict:
+    """Raw scores of every reward of `reward_set` for `images` generated from dataset rows `items`: {name: (B,)}."""
+    return reward_set.score(images, [it.prompt for it in items], reward_metadata(items))
+
+
 def reward_metadata(items: list[Item]) -> list[dict]:
     """What the rewards receive per sample: the row's other jsonl keys, its prompt, the condition image paths
     ("images"), the video paths ("videos") and those videos decoded ("video_frames": (frames, fps) pairs)."""

@@ -36,7 +36,7 @@ def evaluate(accelerator, adapter, conditioning, reward_set, items, args, epoch)
         traj = sampler.rollout(lambda x, i: adapter.predict(x, sigmas[i], cond, state, args.guidance_scale,
                                                             args.true_cfg_scale), z, sigmas)
         imgs = adapter.decode(traj.final, state, cond)
-        for k, v in reward_set.score(imgs, [it.prompt for it in batch], data.reward_metadata(batch)).items():
+        for k, v in data.score(reward_set, batch, imgs).items():
             scores[k].append(v)
         images += [img for i, img in zip(idx, conditioning.shown(batch, imgs.cpu())) if i in grid_ids]
     out, metadata = {}, [it.metadata for it in items]

@@ -212,8 +212,8 @@ class Run:
     def _sample(self, epoch, b, items, images, cond, traj, store) -> dict:
         args = self.args
         with self.timer("reward"):  # --async-rewards: a future, scored while the next micro-batch rolls out
-            scores = (self.reward_pool.submit(self.score, items, images) if self.reward_pool
-                      else self.score(items, images))
+            scores = (self.reward_pool.submit(data.score, self.reward_set, items, images) if self.reward_pool
+                      else data.score(self.reward_set, items, images))
         s = {"cond": cond, **{k: getattr(traj, k) for k in store if k != "x0"}, "scores": scores}
         if "x0" in store:
             s["x0"] = traj.final.to(self.storage_dtype)
@@ -223,10 +223,6 @@ class Run:
             tracking.save_samples(self.accelerator, os.path.join(args.output_dir, "samples"), f"train_epoch{epoch:04d}",
                                   self.conditioning.shown(items, images.cpu()), [it.prompt for it in items], epoch)
         return s
-
-    def score(self, items, images) -> dict:
-        """Raw scores of every reward for generated `images` of dataset rows `items`: {name: (B,)}."""
-        return self.reward_set.score(images, [it.prompt for it in items], data.reward_metadata(items))
 
     def advantages(self, samples, epoch):
         """The epoch's group-relative advantages (common/advantages.py) from every process's rewards: background
@@ -258,11 +254,12 @@ class Run:
                               leave=False):
                     yield inner, b, sampler.to_device(samples[b], self.device)  # a no-op unless --offload-samples
 
-    def velocity(self, z, sigma, cond, guided=True):
+    def velocity(self, z, sigma, cond, guided=True, adapter=None):
         """The policy's velocity at the training size: with the rollouts' guidance, or guidance-free (guided=False,
-        the adapter's `unguided` scales: NFT's and AWM's training forward)."""
-        scales = (self.args.guidance_scale, self.args.true_cfg_scale) if guided else self.adapter.unguided
-        return self.adapter.predict(z, sigma, cond, self.state, *scales)
+        the adapter's `unguided` scales: NFT's and AWM's training forward). `adapter`: another view of the model."""
+        adapter = adapter or self.adapter
+        scales = (self.args.guidance_scale, self.args.true_cfg_scale) if guided else adapter.unguided
+        return adapter.predict(z, sigma, cond, self.state, *scales)
 
     @torch.no_grad()
     def reference_velocity(self, z, sigma, cond, guided=True):
@@ -273,8 +270,7 @@ class Run:
                 return self.velocity(z, sigma, cond, guided)
         self.ref_model.to(self.device)
         try:
-            scales = (self.args.guidance_scale, self.args.true_cfg_scale) if guided else self.adapter.unguided
-            return self._ref_adapter.predict(z, sigma, cond, self.state, *scales)
+            return self.velocity(z, sigma, cond, guided, adapter=self._ref_adapter)
         finally:
             self.ref_model.to(self.args.ref_device or self.device)
 
