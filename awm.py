@@ -179,8 +179,9 @@ def main(args: Args):
 
 if __name__ == "__main__":
     args = parse_with_presets(Args, PRESETS, TINY)
+    algorithm = plan.Algorithm("AWM", weight_copies=("EMA", "anchor", "epoch start"))  # what its memory plan counts
     with errors_as_one_line():  # a user error: one line (once per machine under accelerate launch), exit code 1
         if args.plan:  # the memory plan, built on the meta device: no weight loads
-            print(plan.run_plan(args, plan.Algorithm("AWM", weight_copies=("EMA", "anchor", "epoch start"))))
-        else:
-            main(args)
+            print(plan.run_plan(args, algorithm))
+        else:  # on a CUDA GPU, unset rollout and evaluation batches become the widest that fit
+            main(plan.fit_batches(args, algorithm))

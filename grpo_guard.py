@@ -150,8 +150,9 @@ def main(args: Args):
 
 if __name__ == "__main__":
     args = parse_with_presets(Args, PRESETS, TINY)
+    algorithm = plan.Algorithm("GRPO-Guard", latents_per_sample=args.sde_window_size + 1)  # what its memory plan counts
     with errors_as_one_line():  # a user error: one line (once per machine under accelerate launch), exit code 1
         if args.plan:  # the memory plan, built on the meta device: no weight loads
-            print(plan.run_plan(args, plan.Algorithm("GRPO-Guard", latents_per_sample=args.sde_window_size + 1)))
-        else:
-            main(args)
+            print(plan.run_plan(args, algorithm))
+        else:  # on a CUDA GPU, unset rollout and evaluation batches become the widest that fit
+            main(plan.fit_batches(args, algorithm))

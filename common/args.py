@@ -52,13 +52,19 @@ class RunArgs:
     gradient_checkpointing: bool = True
     """recompute activations in backward to save memory"""
     attention_backend: str | None = None
-    """diffusers attention backend, e.g. flash, _native_cudnn, sage (if unset: native SDPA)"""
+    """diffusers attention backend, e.g. flash, _native_cudnn, sage (if unset: torch SDPA; on CUDA without cuDNN's
+    kernel, whose backward crashes FLUX.1 training)"""
     fsdp: bool = False
     """shard the trained transformer(s) over the processes of `accelerate launch` with torch FSDP2 (README)"""
     plan: bool = False
     """print the run's memory plan per process (1 GPU and FSDP over 8; no weights load) and exit"""
-    compile: bool = False
-    """torch.compile the transformer: the first steps compile (a minute on a CPU), later ones run faster"""
+    compile: Literal["none", "blocks", "full"] = "none"
+    """torch.compile the transformer: 'blocks' compiles each repeated transformer block once (regional: a short
+    compile), 'full' the whole transformer; the first steps compile, later ones run faster"""
+    lora_merged_sampling: bool | None = None
+    """sample with each LoRA folded into its layer's weight (one small matmul per layer and call instead of two per
+    token; the stored weights are never written): evaluations, and the rollouts of NFT and AWM, which keep no
+    log-probabilities (GRPO's rollouts never). If unset: on a CUDA GPU with LoRA, without --fsdp or --compile"""
     # Data and reward
     dataset: str = "datasets/demo"
     """dataset folder with train.txt|jsonl (+ test.txt|jsonl, images/, videos/)"""
@@ -119,7 +125,10 @@ class RunArgs:
     batch_size: int = 2
     """micro-batch per process, for rollout and training alike"""
     rollout_batch_size: int | None = None
-    """samples per rollout forward, a multiple of batch_size (if unset: batch_size); rollouts keep no activations"""
+    """samples per rollout forward, a multiple of batch_size; rollouts keep no activations (if unset: batch_size; on
+    a CUDA GPU the widest that fits, up to group_size: common/plan.py)"""
+    gpu_memory_fraction: float = 0.9
+    """the share of the GPU's memory that unset rollout and evaluation batches may fill (CUDA only)"""
     # Training
     learning_rate: float = 3e-4
     """AdamW learning rate"""
@@ -160,8 +169,8 @@ class RunArgs:
     """evaluation ODE steps"""
     eval_num_prompts: int = 32
     """test prompts per evaluation (the test split, else the train split)"""
-    eval_batch_size: int = 8
-    """images per evaluation forward"""
+    eval_batch_size: int | None = None
+    """images per evaluation forward (if unset: 8; on a CUDA GPU the widest that fits: common/plan.py)"""
     eval_seed: int = 10_000
     """test prompt i is sampled from noise seed eval_seed + i (change it to measure evaluation noise)"""
     save_every: int = 10
@@ -175,7 +184,7 @@ class RunArgs:
 TINY = dict(resolution=64, eval_resolution=64, num_steps=4, eval_num_steps=4, group_size=4, prompts_per_epoch=4,
             batch_size=2, lora_rank=4, lora_alpha=8, max_sequence_length=32, reward=("jpeg_compressibility",),
             num_epochs=2, eval_every=1, save_every=1, eval_num_prompts=4, learning_rate=1e-3, ema_interval=1,
-            mixed_precision="no", gradient_checkpointing=False)
+            mixed_precision="no", gradient_checkpointing=False, eval_batch_size=8)
 
 
 def height_width(resolution) -> tuple[int, int]:

@@ -21,7 +21,7 @@ RANGES = {
     "eval_num_prompts": (1, True), "eval_batch_size": (1, True), "prompts_per_epoch": (1, True),
     "adv_clip": (0, False), "adv_eps": (0, True), "kl_beta": (0, True), "ema_interval": (1, True),
     "noise_level": (0, True), "guidance_scale": (0, True), "true_cfg_scale": (0, True),
-    "condition_max_pixels": (1, True), "ema_decay": (0, 1),
+    "condition_max_pixels": (1, True), "ema_decay": (0, 1), "gpu_memory_fraction": (0, 1),
 }
 
 
@@ -65,6 +65,8 @@ def check_sizes(args, adapter_cls, world_size=1):
         raise ConfigError("--fsdp shards over processes: launch with accelerate launch --num_processes N (N >= 2)")
     if args.fsdp and args.ema_on_cpu:
         raise ConfigError("--ema-on-cpu with --fsdp: the EMA is sharded with the weights already")
+    if args.lora_merged_sampling and (args.finetune != "lora" or args.fsdp):
+        raise ConfigError("--lora-merged-sampling needs --finetune lora without --fsdp (sharded layers are not merged)")
     wide = args.rollout_batch_size
     if wide is not None and (wide < args.batch_size or wide % args.batch_size):
         raise ConfigError(f"--rollout-batch-size {wide} must be a multiple of --batch-size {args.batch_size}")

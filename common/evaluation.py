@@ -22,7 +22,7 @@ def evaluate(accelerator, adapter, conditioning, reward_set, items, args, epoch)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     height, width = height_width(args.eval_resolution)
     state = adapter.make_state(height, width, args.eval_num_frames)
-    sigmas = adapter.sigmas(args.eval_num_steps, state)
+    sigmas = adapter.sigmas(args.eval_num_steps, state).to(device)  # on the device once, not a copy per step
     mine = data.rank_rows(len(items), rank, world)
     grid_ids = mine[:: max(1, len(mine) // 16)][:16]
     scores, images = {k: [] for k in reward_set.names}, []

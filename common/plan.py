@@ -284,6 +284,73 @@ def static_peak(rows) -> float:
     return next(r.bytes for r in rows if r.name.startswith("static peak"))
 
 
+# ---- batches that fill the GPU (issue 20) ----------------------------------------------------------------------------
+EVAL_BATCH = 8  # the evaluation batch where nothing is measured (a CPU, a tiny build, an unmeasured model)
+
+
+def widest_batch(free_bytes: float, per_sample_bytes: float, step: int, cap: int) -> int:
+    """The widest multiple of `step`, at most `cap`, whose samples' activations (`per_sample_bytes` each) fit in
+    `free_bytes`; never below `step` (the run's own batch: whether that fits is the plan's verdict)."""
+    fit = int(free_bytes // per_sample_bytes) if per_sample_bytes > 0 else cap
+    return max(step, min(cap, fit) // step * step)
+
+
+@dataclasses.dataclass
+class Batches:
+    rollout: int
+    eval: int
+    why: str  # what --plan and a GPU run print
+
+
+def choose_batches(args, algorithm: Algorithm, gpu_bytes: float, num_processes=1, meta=None) -> Batches:
+    """Rollout and evaluation batches for a GPU of `gpu_bytes`: a flag the user set is kept; an unset one is the widest
+    that fits in --gpu-memory-fraction of the GPU beside the plan's static peak, at the activation memory per sample
+    bench/gpu.py measured for this model (training with gradient checkpointing holds every block's input, a no-grad
+    forward one block's work: an upper bound), scaled by the latent tokens of the size; the rollout batch a
+    multiple of --batch-size up to the group size, the evaluation batch up to this process's evaluation prompts."""
+    s = _settings(args)
+    sharded = s.fsdp and num_processes > 1
+    free = s.gpu_memory_fraction * gpu_bytes - static_peak(memory_plan(args, algorithm, num_processes, sharded, meta))
+    key = activation_key(s.model, models.adapter_class(s.model, s.variant).check_variant(s.variant))
+    record, _ = _activations(key, {})
+    rollout, evals = s.rollout_batch_size or s.batch_size, s.eval_batch_size or EVAL_BATCH
+    if record is None:
+        return Batches(rollout, evals, f"GPU batches: rollout {rollout}, evaluation {evals}\n  (activation memory of "
+                                       f"{key} not measured yet: bench/gpu.py)")
+    m = record["settings"]
+    per_token = record["activation_gb"] * GB / (m["batch_size"] * m["height"] * m["width"] * m["num_frames"])
+    h, w = _hw(s.resolution)
+    eh, ew = _hw(s.eval_resolution)
+    samples = math.ceil(s.prompts_per_epoch * s.group_size / num_processes)
+    if s.rollout_batch_size is None:
+        rollout = widest_batch(free, per_token * h * w * s.num_frames, s.batch_size, min(s.group_size, samples))
+    if s.eval_batch_size is None:
+        evals = widest_batch(free, per_token * eh * ew * s.eval_num_frames, 1,
+                             math.ceil(s.eval_num_prompts / num_processes))
+    frames = f" x{m['num_frames']}" if m["num_frames"] > 1 else ""
+    why = (f"GPU batches: rollout {rollout}, evaluation {evals}; {s.gpu_memory_fraction:.0%} of {gpu_bytes / GB:.0f} GB "
+           f"less the static peak leaves {free / GB:.1f} GB,\n  {per_token * h * w * s.num_frames / GB:.2f} GB of "
+           f"activations per rollout sample (bench/gpu.py: {record['activation_gb']:.2f} GB at batch "
+           f"{m['batch_size']}, {m['height']}x{m['width']}{frames});\n  capped by the group size {s.group_size} and "
+           f"{math.ceil(s.eval_num_prompts / num_processes)} evaluation prompts per process; a flag you set is kept")
+    return Batches(rollout, evals, why)
+
+
+def fit_batches(args, algorithm: Algorithm):
+    """The run's Args with unset --rollout-batch-size / --eval-batch-size filled in: on a CUDA GPU (a full-size model)
+    the widest that fit (`choose_batches`, printed once), elsewhere today's CPU defaults (--batch-size, 8)."""
+    cpu = dataclasses.replace(args, eval_batch_size=args.eval_batch_size or EVAL_BATCH)
+    if args.tiny or args.plan or not torch.cuda.is_available() or not models.adapter_class(
+            args.model, args.variant).full_configs:
+        return cpu
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    gpu = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+    chosen = choose_batches(args, algorithm, gpu, n)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(chosen.why, flush=True)
+    return dataclasses.replace(args, rollout_batch_size=chosen.rollout, eval_batch_size=chosen.eval)
+
+
 def _fmt_count(n):
     if n is None:
         return ""
@@ -341,6 +408,9 @@ def run_plan(args, algorithm: Algorithm, num_processes=None) -> str:
     out.append(_verdict(plans[counts.index(8)], f"{what} on 8 x {GPU_GB} GB GPUs with FSDP"))
     if n not in (1, 8):
         out.append(_verdict(plans[counts.index(n)], f"{what} on {n} x {GPU_GB} GB GPUs with FSDP"))
+    gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else GPU_GB * GB
+    out.append(choose_batches(raw, algorithm, gpu, n, meta).why + ("" if torch.cuda.is_available() else
+                                                                   f"\n  (for a {GPU_GB} GB GPU; this machine has none)"))
     if not any(r.name.startswith("static peak + activations") for p in plans for r in p):
         out.append(f"caveat: activations are not included (not measured yet for these settings; bench/gpu.py "
                    f"measures them):\n'fits' means the static total is below {GPU_GB} GB")

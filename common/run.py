@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 import rewards
 from common import checkpoint, checks, data, evaluation, models, sampler, sharding, tracking
 from common.advantages import epoch_advantages
+from common.kernels import choose_attention, compile_transformer
 from common.args import height_width
 from common.conditioning import Conditioning
 from common.ema import EMA
@@ -96,19 +97,21 @@ class Run:
         self.conditioning = Conditioning(self.adapter, args, self.train_items + self.test_items, self.device)
         self.reward_pool = concurrent.futures.ThreadPoolExecutor(1) if args.async_rewards else None  # one at a time
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        self.timer, self.base_eval, self._micro, self._accumulation = tracking.Timer(), None, 0, 1
+        self.timer, self.base_eval, self._micro, self._accumulation = tracking.Timer(self.device), None, 0, 1
+        self.merge_lora = args.finetune == "lora" and (args.lora_merged_sampling if args.lora_merged_sampling is not None
+                                                      else self.device.type == "cuda" and not args.fsdp
+                                                      and args.compile == "none")
 
     def _prepare_model(self):
         """The trained module (the transformer; Wan2.2-A14B: its trained experts as one module), made trainable; the
         frozen reference copy of a full fine-tuning run with a KL (before sharding); FSDP2 sharding last."""
         args, adapter = self.args, self.adapter
         transformer = adapter.trained_module()
-        if args.attention_backend:
-            transformer.set_attention_backend(args.attention_backend)
+        self.accelerator.print(choose_attention([transformer], args.attention_backend))
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        if args.compile:  # compiled in place: parameter names, LoRA export and checkpoints are unchanged
-            transformer.compile()
+        if args.compile != "none":  # compiled in place: parameter names, LoRA export and checkpoints are unchanged
+            compile_transformer(transformer, regional=args.compile == "blocks")
         if args.finetune == "lora":
             n_lora = adapter.add_lora(args.lora_rank, args.lora_alpha, args.lora_targets or None)
             for p in transformer.parameters():
@@ -171,9 +174,13 @@ class Run:
 
     def evaluate(self, epoch):
         """Held-out ODE samples with the EMA weights: ({"eval/...": value}, the grid's images)."""
-        with self.ema.swapped_in(), self.autocast():
+        with self.ema.swapped_in(), self.autocast(), self._sampling(merged_ok=True):
             return evaluation.evaluate(self.accelerator, self.adapter, self.conditioning, self.reward_set,
                                        self.test_items, self.args, epoch)
+
+    def _sampling(self, merged_ok):
+        """The context of sampling forwards: the LoRA merged into the weights (--lora-merged-sampling) where allowed."""
+        return self.adapter.lora_merged() if merged_ok and self.merge_lora else contextlib.nullcontext()
 
     # ---- sampling and advantages -------------------------------------------------------------------------------------
     def rollout(self, epoch, sde_window, store=("latents", "log_probs")) -> list[dict]:
@@ -185,6 +192,7 @@ class Run:
         if set(store) - STORABLE:
             raise ValueError(f"run.rollout stores {sorted(STORABLE)}, not {sorted(set(store) - STORABLE)}")
         samples, batches = [], self.groups.local_batches(epoch, self.rank)
+        merged_ok = not {"log_probs", "means"} & set(store)  # GRPO's log-probabilities are the unmerged policy's
         self.adapter.transformer.eval()
         per = (args.rollout_batch_size or args.batch_size) // args.batch_size  # micro-batches per rollout forward
         for c in tqdm(range(0, len(batches), per), desc=f"epoch {epoch} rollout",
@@ -194,7 +202,7 @@ class Run:
             gens = [torch.Generator().manual_seed(  # per global micro-batch: the same noise at any width
                 args.seed * 1_000_003 + epoch * 10_007 + self.rank * self.n_batches + b)
                 for b in range(c, c + len(chunk))]
-            with self.timer("rollout"), self.autocast():
+            with self.timer("rollout"), self.autocast(), self._sampling(merged_ok=merged_ok):
                 cond = self.conditioning.encode(items, self.state)
                 z = torch.cat([self.adapter.prepare_noise(len(idx), *height_width(args.resolution), g, args.num_frames)
                                for (idx, _), g in zip(chunk, gens)])
@@ -203,7 +211,9 @@ class Run:
                                        keep=None if "latents" in store else set(), keep_means="means" in store,
                                        generator=[torch.Generator(self.device).manual_seed(g.initial_seed() + 1)
                                                   for g in gens], storage_dtype=self.storage_dtype)
-                images = self.adapter.decode(traj.final, self.state, cond)
+            with self.timer("decode"), self.autocast():  # after the denoising loop; VAE memory as at --batch-size
+                images = torch.cat([self.adapter.decode(traj.final[r], self.state, self.adapter.select(cond, r))
+                                    for r in sampler.micro_batches(len(items), args.batch_size)])
             for b, rows in enumerate(sampler.micro_batches(len(items), args.batch_size), start=c):
                 samples.append(self._sample(epoch, b, items[rows], images[rows], self.adapter.select(cond, rows),
                                             traj.rows(rows), store))

@@ -11,13 +11,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common import host
+
 DYNAMICS = ("ODE", "Flow-SDE", "Dance-SDE", "CPS")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample (B,) or scalar -> (B, 1, ..., 1) for broadcasting against latents."""
-    x = torch.as_tensor(x, dtype=torch.float32, device=like.device)
+def _bcast(x, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample (B,) or scalar -> (B, 1, ..., 1) for broadcasting against latents. A number is filled in on the
+    device (torch.as_tensor would build it on the host and copy it over)."""
+    x = (torch.full((), x, dtype=torch.float32, device=like.device) if isinstance(x, (int, float))
+         else torch.as_tensor(x, dtype=torch.float32, device=like.device))
     return x.reshape(-1, *([1] * (like.dim() - 1))) if x.dim() == 1 else x
 
 
@@ -82,11 +86,25 @@ def _noise(like, generator):
                       for g in generator])
 
 
+def _noisy(sigma, sigma_next, eta, dynamics, sigma_1=None) -> bool:
+    """Whether a step draws noise (std > 0 for some row; CPS's last step, to sigma 0, does not): its std computed on
+    the host from the Python values of its arguments (common/host.py reads a schedule once), not read from the
+    device."""
+    if dynamics == "ODE":
+        return False
+    s, s_next, eta, s_1 = (host.value(a) for a in (sigma, sigma_next, eta, sigma_1))
+    zero = torch.zeros(())
+    return bool(step_mean_std(zero, zero, s, s_next, eta, dynamics, s_1)[1].gt(0).any())
+
+
 def sde_step(z, v, sigma, sigma_next, eta, dynamics, sigma_1=None, z_next=None, generator=None,
-             storage_dtype=torch.float32) -> StepOut:
-    """One denoising step. With z_next given (training), score it instead of sampling."""
+             storage_dtype=torch.float32, stochastic=None) -> StepOut:
+    """One denoising step. With z_next given (training), score it instead of sampling. `stochastic`: whether the
+    step draws noise, when the caller has decided it (the rollout, before its loop); else it is decided on the host
+    (_noisy), from the values of sigma, sigma_next, eta and sigma_1 (a schedule's, once read, cost nothing)."""
     mean, std = step_mean_std(z, v, sigma, sigma_next, eta, dynamics, sigma_1)
-    stochastic = dynamics != "ODE" and bool(torch.as_tensor(std).gt(0).any())
+    if stochastic is None:
+        stochastic = _noisy(sigma, sigma_next, eta, dynamics, sigma_1)
     if z_next is None:
         z_next = mean
         if stochastic:
@@ -144,13 +162,16 @@ def rollout(predict, z, sigmas, sde_steps=(), eta=0.0, dynamics="ODE", keep=None
     traj = Trajectory(sigmas=sigmas)
     z = z.to(storage_dtype).float()
     sigma_1 = sigmas[1] if len(sigmas) > 1 else None
-    for i in range(len(sigmas) - 1):
+    # which steps draw noise, decided before the loop (the schedule read once on the host): no step waits for it
+    steps = range(len(sigmas) - 1)
+    noisy = {i for i in steps if i in sde_steps and _noisy(sigmas[i], sigmas[i + 1], eta, dynamics, sigma_1)}
+    for i in steps:
         if i in keep:
             traj.latents[i] = z.to(storage_dtype)
         v = predict(z, i)
         on = i in sde_steps and dynamics != "ODE"
         out = sde_step(z, v, sigmas[i], sigmas[i + 1], eta if on else 0.0, dynamics if on else "ODE",
-                       sigma_1, generator=generator, storage_dtype=storage_dtype)
+                       sigma_1, generator=generator, storage_dtype=storage_dtype, stochastic=i in noisy)
         if on:
             if out.log_prob is not None:  # CPS's last step (to sigma 0) has no noise, hence no log-prob
                 traj.log_probs[i] = out.log_prob

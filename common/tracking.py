@@ -12,14 +12,20 @@ from PIL import Image
 
 
 class Timer:
-    """Accumulates wall seconds per phase: `with timer("rollout"): ...`; `timer.pop()` returns and resets."""
-    def __init__(self):
-        self.seconds = {}
+    """Accumulates wall seconds per phase: `with timer("rollout"): ...`; `timer.pop()` returns and resets. On CUDA a
+    phase waits for the GPU at its start and end (once per phase, never inside its loop), so that each phase is
+    charged for its own kernels, not for those queued before it."""
+    def __init__(self, device="cpu"):
+        self.seconds, self.cuda = {}, torch.device(device).type == "cuda"
 
     @contextmanager
     def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         yield
+        if self.cuda:
+            torch.cuda.synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def pop(self):

@@ -1,6 +1,6 @@
 """Full-size readiness (issue 13), on the meta device (no weights, no download): every model's published parameter
 counts, its default LoRA targets at full depth, the latent and token shapes at its preset size, the memory plan
-(`--plan`), and bench/gpu.py's refusal without a GPU and its result writers."""
+(`--plan`). bench/gpu.py's own tests: tests/test_gpu_bench.py."""
 import functools
 import json
 import math
@@ -372,48 +372,6 @@ def test_memory_plan_reads_measured_activations(monkeypatch, tmp_path):
     path.write_text(json.dumps({"runs": {"z-image:turbo": {"activation_gb": 12.5,
                                                            "settings": dict(settings, batch_size=4)}}}))
     assert "measured at other settings (12.5 GB at 512x512 x1, batch 4)" in plan.run_plan(args, GRPO, 1)
-
-
-# ---- bench/gpu.py ---------------------------------------------------------------------------------------------------
-def test_bench_refuses_without_a_gpu():
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py")], capture_output=True, text=True,
-                       env=env, timeout=120)
-    assert p.returncode == 1
-    assert (p.stdout + p.stderr).strip().splitlines() == ["error: bench/gpu.py needs a CUDA GPU; none found"]
-
-
-def test_bench_full_build_takes_the_tiny_token_ids():
-    """bench/gpu.py's full-size pipeline, built on the meta device: the text encoder's special-token ids are the tiny
-    tokenizer's, Wan2.1 image-to-video gets CLIP's 224 px image processor, and the adapter takes the pipeline."""
-    from bench import gpu
-    pipe = gpu.build_full("wan2_i2v", "2.1-14b-480p", device="meta")
-    assert pipe.text_encoder.config.pad_token_id == pipe.tokenizer.pad_token_id
-    assert pipe.image_processor.crop_size["height"] == pipe.image_encoder.config.image_size == 224
-    qwen = gpu.build_full("qwen-image-edit-plus", "2511", device="meta").text_encoder.config
-    tiny = models.adapter_class("qwen-image-edit-plus").build_tiny("2511").text_encoder.config
-    assert (qwen.image_token_id, qwen.vision_start_token_id) == (tiny.image_token_id, tiny.vision_start_token_id)
-    assert plan.full_adapter("wan2_i2v", "2.1-14b-480p", pipe=pipe).config.image_dim == 1280
-
-
-def test_bench_writers_on_a_tiny_cpu_run(tmp_path):
-    """The real per-model path (grpo.main in-process over a monkeypatched models.load) on the tiny FLUX.1 on the CPU,
-    then the table and the activation JSON from its record and a synthetic GPU record."""
-    from accelerate.state import AcceleratorState
-    from bench import gpu
-    AcceleratorState._reset_state(reset_partial_state=True)
-    cls = models.adapter_class("flux1")
-    rec = gpu.run_one("flux1", None, build=lambda: cls.build_tiny(), tiny=True, output_dir=str(tmp_path / "run"))
-    assert rec["status"] == "ok" and rec["epochs"] == 2 and rec["rollout_s"] > 0 and rec["train_s"] > 0
-    assert rec["peak_gb"] is None  # a CPU run has no GPU peak: no activation figure
-    synthetic = dict(rec, model="z-image", variant="turbo", peak_gb=40.0, training_static_gb=27.5,
-                     activation_gb=12.5, settings=plan.activation_settings(grpo_args("z-image")), gpu="H100 80GB")
-    failed = {"model": "flux2", "variant": None, "status": "out of memory"}
-    gpu.write_results([rec, synthetic, failed], str(tmp_path))
-    table = (tmp_path / "gpu.md").read_text()
-    assert "| flux1 |" in table and "| z-image | turbo |" in table and "out of memory" in table
-    runs = json.loads((tmp_path / "activation_memory.json").read_text())["runs"]
-    assert set(runs) == {"z-image:turbo"} and runs["z-image:turbo"]["activation_gb"] == 12.5
 
 
 @pytest.mark.parametrize("script,model", [("grpo", "qwen-image"), ("nft", "wan2_t2v"), ("awm", "flux2")])

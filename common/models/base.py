@@ -6,6 +6,7 @@ predict a velocity (CFG included), decode to images in [0, 1]. `predict` is a pu
 inputs so training can re-run it at stored latents. Sampler math lives in common/sampler.py.
 """
 import copy
+import functools
 import hashlib
 import os
 import re
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from common import host
 from common.errors import ModelError
 
 
@@ -33,6 +35,18 @@ def pad_cat(tensors):
     """Batch-first tensors whose dim 1 differs (per-row token counts): zero-padded to the longest, concatenated."""
     n = max(t.shape[1] for t in tensors)
     return torch.cat([pad_to(t, n) for t in tensors])
+
+
+def _merged_lora_forward(layer, x, *args, **kwargs):
+    """A peft LoRA Linear's forward with its active adapters merged into the weight for this call (lora_merged)."""
+    base = layer.base_layer
+    weight = base.weight
+    if not layer.disable_adapters:
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                delta = layer.lora_B[name].weight @ layer.lora_A[name].weight
+                weight = weight + (delta * layer.scaling[name]).to(weight.dtype)
+    return torch.nn.functional.linear(x, weight, base.bias)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the embedded model, demo data
@@ -203,25 +217,36 @@ class Adapter:
         """Condition images of mixed sizes in one batch: `cond["image_latents"]` (B, L, C) holds each row's
         condition tokens zero-padded to the batch's longest and `cond["image_grids"]` (B, M, 2) the (rows, cols)
         token grid of each of its images (zero rows pad samples with fewer images). The transformer takes one
-        position layout per call, so `forward(z, sigma, cond, layout)` runs once per group of rows that share a
-        layout (a tuple of grids), with the condition tokens cut to that layout's count (and per-row sigmas to its
-        rows); rows come back in their order. A batch of one layout (one aspect ratio) is one forward, as before."""
+        position layout per call, so `forward(z, sigma, cond, layout, rows)` runs once per group of rows that share
+        a layout (a tuple of grids; `rows` lists them, for what the adapter keeps per row of the whole batch), with
+        the condition tokens cut to that layout's count (and per-row sigmas to its rows); rows come back in their
+        order. A batch of one layout (one aspect ratio) is one forward, as before. The grouping is read on the host
+        once per cond (common/host.py), so the steps after a rollout's first wait for nothing."""
         if "image_grids" not in cond:
-            return forward(z, sigma, cond, ())
-        rows_layout = [tuple((h, w) for h, w in row if h) for row in cond["image_grids"].tolist()]
-        layouts = list(dict.fromkeys(rows_layout))
-        if len(layouts) == 1:
-            n = sum(h * w for h, w in layouts[0])
-            return forward(z, sigma, {**cond, "image_latents": cond["image_latents"][:, :n]}, layouts[0])
-        outs, order = [], []
-        for layout in layouts:
-            rows = [i for i, lay in enumerate(rows_layout) if lay == layout]
-            sub = self.select(cond, torch.tensor(rows))
+            return forward(z, sigma, cond, (), range(len(z)))
+        groups, order = host.once(cond["image_grids"], self._layout_groups, z.device)
+        if len(groups) == 1:
+            layout, rows, _ = groups[0]
+            n = sum(h * w for h, w in layout)
+            return forward(z, sigma, {**cond, "image_latents": cond["image_latents"][:, :n]}, layout, rows)
+        outs = []
+        for layout, rows, index in groups:
+            sub = self.select(cond, index)
             sub["image_latents"] = sub["image_latents"][:, :sum(h * w for h, w in layout)]
-            s = sigma[rows] if torch.is_tensor(sigma) and sigma.dim() and len(sigma) == len(z) else sigma
-            outs.append(forward(z[rows], s, sub, layout))
-            order += rows
-        return torch.cat(outs)[torch.argsort(torch.tensor(order))]
+            s = sigma[index] if torch.is_tensor(sigma) and sigma.dim() and len(sigma) == len(z) else sigma
+            outs.append(forward(z[index], s, sub, layout, rows))
+        return torch.cat(outs)[order]
+
+    @staticmethod
+    def _layout_groups(grids, device):
+        """The layouts of `grids` in order of first appearance, each as (layout, its rows, them as an index on
+        `device`), and the index on `device` that puts the groups' rows back in batch order."""
+        row_layouts = [tuple((h, w) for h, w in row if h) for row in grids.tolist()]
+        groups = []
+        for layout in dict.fromkeys(row_layouts):
+            rows = [i for i, lay in enumerate(row_layouts) if lay == layout]
+            groups.append((layout, rows, torch.tensor(rows, device=device)))
+        return groups, torch.argsort(torch.cat([index for _, _, index in groups]))
 
     def with_transformer(self, module) -> "Adapter":
         """A view of this adapter that predicts with `module` (the frozen reference copy of a full fine-tuning run)
@@ -281,6 +306,23 @@ class Adapter:
         finally:
             for net in nets:
                 net.enable_adapters()
+
+    @contextmanager
+    def lora_merged(self):
+        """Forwards with each LoRA folded into its layer: y = x (W + s B A)^T + b, the merged weight built per call in
+        a new tensor. One small r x in x out matmul per layer and call replaces LoRA's two token-sized matmuls and
+        the add; W itself is never written, so nothing drifts (a merge then unmerge in place would round W). For
+        sampling without log-probabilities (evaluation; NFT's and AWM's rollouts): equal to the unmerged forward up
+        to float rounding."""
+        from peft.tuners.lora import Linear as LoraLinear
+        layers = [m for net in self.trained_components().values() for m in net.modules() if isinstance(m, LoraLinear)]
+        for m in layers:
+            m.forward = functools.partial(_merged_lora_forward, m)  # an instance attribute shadows the class forward
+        try:
+            yield
+        finally:
+            for m in layers:
+                del m.forward
 
     def save_lora(self, out_dir):
         """diffusers LoRA files: `transformer` into out_dir, another component C (Wan2.2's transformer_2) into

@@ -81,10 +81,12 @@ class Flux1KontextAdapter(Flux1Adapter):
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         # the condition tokens follow the noisy ones (the same for both CFG passes); CFG is per token, so
         # cutting the output back to the target tokens after FLUX.1's predict equals the pipeline's order
-        def forward(z, sigma, cond, layout):
-            (rows, cols), n = layout[0], z.shape[1]
-            ids = self.pipe._prepare_latent_image_ids(1, rows, cols, self.device, self.dtype)
-            ids[:, 0] = 1  # the first id channel tells condition tokens from target tokens
+        def forward(z, sigma, cond, layout, rows):
+            (h, w), n = layout[0], z.shape[1]
+            # the pipeline's [0, row, col] ids of the condition grid, row-major, with the first channel 1 (condition
+            # tokens, not target ones); made on the device, not copied from the host at every step
+            ids = torch.cartesian_prod(*(torch.arange(a, b, device=z.device) for a, b in ((1, 2), (0, h), (0, w))))
+            ids = ids.to(self.dtype)
             x = torch.cat([z, cond["image_latents"].to(z.dtype)], dim=1)
             return super(Flux1KontextAdapter, self).predict(x, sigma, cond, {**state, "img_ids": torch.cat(
                 [state["img_ids"], ids])}, guidance_scale, true_cfg_scale)[:, :n]

@@ -84,9 +84,11 @@ def _tiny_transformer(guidance_embeds):
                                    guidance_embeds=guidance_embeds)
 
 
-def _ids(t, h, w, length):
-    """(h * w * length, 4) position ids (t, row, col, l), row-major as the pipelines build them."""
-    return torch.cartesian_prod(torch.tensor([t]), torch.arange(h), torch.arange(w), torch.arange(length))
+def _ids(t, h, w, length, device):
+    """(h * w * length, 4) position ids (t, row, col, l), row-major as the pipelines build them, made on `device`
+    (predict makes some at every step: nothing is copied from the host)."""
+    ranges = ((t, t + 1), (0, h), (0, w), (0, length))
+    return torch.cartesian_prod(*(torch.arange(a, b, device=device) for a, b in ranges))
 
 
 class Flux2Adapter(Adapter):
@@ -186,7 +188,7 @@ class Flux2Adapter(Adapter):
 
     def make_state(self, height, width, num_frames=1):
         h, w = self._latent_hw(height, width)
-        return {"height": height, "width": width, "latent_hw": (h, w), "img_ids": _ids(0, h, w, 1).to(self.device),
+        return {"height": height, "width": width, "latent_hw": (h, w), "img_ids": _ids(0, h, w, 1, self.device),
                 "seq_len": h * w}
 
     def prepare_noise(self, n, height, width, generator=None, num_frames=1):
@@ -206,7 +208,7 @@ class Flux2Adapter(Adapter):
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         """true_cfg_scale is unused: neither FLUX.2 pipeline has one (klein base's CFG scale is guidance_scale)."""
-        return self.per_condition_layout(z, sigma, cond, lambda z, sigma, cond, layout: self._forward(
+        return self.per_condition_layout(z, sigma, cond, lambda z, sigma, cond, layout, rows: self._forward(
             z, sigma, cond, state, layout, guidance_scale))
 
     def _forward(self, z, sigma, cond, state, layout, guidance_scale):
@@ -216,14 +218,14 @@ class Flux2Adapter(Adapter):
         emb, x, img_ids = cond["prompt_embeds"], z.to(self.dtype), state["img_ids"]
         if layout:  # reference tokens after the target tokens, reference j at time offset 10 (j + 1)
             x = torch.cat([x, cond["image_latents"].to(self.dtype)], dim=1)
-            img_ids = torch.cat([img_ids, *[_ids(10 * (j + 1), h, w, 1).to(img_ids.device)
+            img_ids = torch.cat([img_ids, *[_ids(10 * (j + 1), h, w, 1, img_ids.device)
                                             for j, (h, w) in enumerate(layout)]])
         cfg = self._true_cfg_model and guidance_scale > 1 and "neg_prompt_embeds" in cond
         if cfg:  # one batched forward for [negative, positive]
             x, t, emb = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond["neg_prompt_embeds"], emb])
         guidance = (torch.full((x.shape[0],), float(guidance_scale), device=z.device, dtype=torch.float32)
                     if self.config.guidance_embeds else None)
-        txt_ids = _ids(0, 1, 1, emb.shape[1]).to(z.device)
+        txt_ids = _ids(0, 1, 1, emb.shape[1], z.device)
         v = self.transformer(hidden_states=x, timestep=(t / 1000).to(self.dtype), guidance=guidance,
                              encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
                              return_dict=False)[0][:, :length].float()

@@ -31,6 +31,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 # component's module when it saves or loads a pipeline holding ImageOnlyQwen2VLProcessor
 from transformers import ProcessorMixin  # noqa: F401
 
+from common import host
 from common.errors import ModelError
 from common.models import tiny_parts
 from common.models.base import RAGGED_TEXT_TOKENS, ROOT, Adapter, pad_cat, pad_to
@@ -112,12 +113,12 @@ def _stack_padded(embs):
     return pad_cat(embs), pad_cat([torch.ones(e.shape[:2], dtype=torch.long, device=e.device) for e in embs])
 
 
-def _text_inputs(emb, mask):
+def _text_inputs(emb, mask, rows):
     """Drop padding columns that no row uses and an all-ones mask: what the pipeline itself passes for these
-    rows (a training minibatch may hold only the shorter prompts of the encoded batch)."""
-    n = int(mask.sum(1).max())
-    emb, mask = emb[:, :n], mask[:, :n]
-    return emb, (None if bool(mask.all()) else mask)
+    rows (a training minibatch may hold only the shorter prompts of the encoded batch). `rows`: the mask's rows as
+    Python lists, a shorter one read as zero-padded: decided on the host, the mask is not read at every step."""
+    n = max(sum(r) for r in rows)
+    return emb[:, :n], (None if all(len(r) >= n and all(r[:n]) for r in rows) else mask[:, :n])
 
 
 class QwenImageAdapter(Adapter):
@@ -180,11 +181,16 @@ class QwenImageAdapter(Adapter):
         return text + area // 256 * self.config.in_channels, f"{tokens} tokens, 1 condition image"
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
-        return self.per_condition_layout(z, sigma, cond, lambda z, sigma, cond, layout: self._forward(
-            z, sigma, cond, state, layout, guidance_scale, true_cfg_scale))
+        cfg = true_cfg_scale > 1 and "neg_prompt_embeds" in cond
+        # the forward's text masks ([negative, positive] with CFG), their rows read on the host once per cond
+        # (common/host.py)
+        masks = [host.values(cond[k]) for k in (["neg_prompt_mask"] if cfg else []) + ["prompt_mask"]]
+        return self.per_condition_layout(z, sigma, cond, lambda z, sigma, cond, layout, rows: self._forward(
+            z, sigma, cond, state, layout, cfg, true_cfg_scale, [m[i] for m in masks for i in rows]))
 
-    def _forward(self, z, sigma, cond, state, layout, guidance_scale, true_cfg_scale):
-        """predict for rows whose condition images share `layout` ((rows, cols) per image; () for none)."""
+    def _forward(self, z, sigma, cond, state, layout, cfg, true_cfg_scale, text_rows):
+        """predict for rows whose condition images share `layout` ((rows, cols) per image; () for none);
+        `text_rows`: the rows of the text mask it passes, as Python lists."""
         n, seq = z.shape[:2]
         t = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(n) * 1000
         x = z.to(self.dtype)
@@ -192,7 +198,6 @@ class QwenImageAdapter(Adapter):
             x = torch.cat([x, cond["image_latents"].to(self.dtype)], dim=1)
         shapes = [state["img_shape"], *[(1, h, w) for h, w in layout]]
         emb, mask = cond["prompt_embeds"], cond["prompt_mask"]
-        cfg = true_cfg_scale > 1 and "neg_prompt_embeds" in cond
         if cfg:
             # one batched forward for [negative, positive]: both zero-padded to one length and masked, which
             # matches the pipeline's two calls to float rounding (tests/test_model_qwen_image.py)
@@ -201,7 +206,7 @@ class QwenImageAdapter(Adapter):
             emb = torch.cat([pad_to(neg, t_len), pad_to(emb, t_len)])
             mask = torch.cat([pad_to(neg_mask, t_len), pad_to(mask, t_len)])
             x, t = torch.cat([x, x]), torch.cat([t, t])
-        emb, mask = _text_inputs(emb, mask)
+        emb, mask = _text_inputs(emb, mask, text_rows)
         # the pipeline casts t to the latent dtype before dividing by 1000
         v = self.transformer(hidden_states=x, timestep=t.to(self.dtype) / 1000, encoder_hidden_states=emb,
                              encoder_hidden_states_mask=mask, img_shapes=[shapes] * x.shape[0],

@@ -33,6 +33,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import torch
 from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
                        WanTransformer3DModel)
@@ -40,6 +41,7 @@ from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
 from torch import nn
 from transformers import CLIPVisionModelWithProjection, UMT5EncoderModel
 
+from common import host
 from common.errors import ModelError
 from common.models import tiny_parts
 from common.models.base import ROOT, Adapter
@@ -101,7 +103,8 @@ def _exact_one(sigmas):
 
 
 def _high_noise(t, boundary_ratio, num_train_timesteps=1000):
-    """The pipeline's expert rule on t = 1000 sigma (a tensor): the high-noise expert iff t >= boundary."""
+    """The pipeline's expert rule on t = 1000 sigma (a float32 tensor, or an array when boundary_ratio is set): the
+    high-noise expert iff t >= boundary."""
     if boundary_ratio is None:
         return torch.ones_like(t, dtype=torch.bool)
     return t >= boundary_ratio * num_train_timesteps
@@ -109,8 +112,9 @@ def _high_noise(t, boundary_ratio, num_train_timesteps=1000):
 
 class ExpertPair(nn.Module):
     """Wan2.2-A14B's two experts as one module: `forward(route, **transformer_kwargs)` runs each row on its
-    expert (route: (B,) bool, True = high-noise `transformer`; or (B,) int, 0 = transformer, 1 = transformer_2)
-    in one call and returns the output rows in input order. Only the trained experts are submodules."""
+    expert (route: B bools, True = high-noise `transformer`; or B ints, 0 = transformer, 1 = transformer_2; a list,
+    or a tensor, which is read on the host: a wait for the device) in one call and returns the output rows in input
+    order. Only the trained experts are submodules."""
 
     def __init__(self, experts: dict, trained):
         super().__init__()
@@ -140,17 +144,17 @@ class ExpertPair(nn.Module):
 
     def forward(self, route, **kwargs):
         kwargs["return_dict"] = False
-        route = torch.as_tensor(route)
-        idx = (~route).long() if route.dtype == torch.bool else route.long()  # 0 = transformer, 1 = transformer_2
-        n = idx.shape[0]
-        used = sorted(set(idx.tolist()))
+        route = route.tolist() if hasattr(route, "tolist") else route  # a tensor (or an array): read on the host
+        idx = [int(not r) if isinstance(r, bool) else int(r) for r in route]  # 0 = transformer, 1 = transformer_2
+        n = len(idx)
+        used = sorted(set(idx))
         experts = self.experts
         idle = self._idle_sharded_experts(used)
         if len(used) == 1 and not idle:  # the usual rollout step: one expert, no split
             return experts[EXPERTS[used[0]]](**kwargs)[0]
         outs, rows = [], []
-        for e in used:
-            r = (idx == e).nonzero().squeeze(1).to(kwargs["hidden_states"].device)
+        for e in used:  # rows of both experts: per-sample sigmas, in training
+            r = torch.tensor([i for i, x in enumerate(idx) if x == e], device=kwargs["hidden_states"].device)
             sub = {k: v[r] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v for k, v in kwargs.items()}
             outs.append(experts[EXPERTS[e]](**sub)[0])
             rows.append(r)
@@ -429,31 +433,35 @@ class _WanAdapter(Adapter):
         x, extra, drop = self._model_input(z, cond)
         x = x.to(self.dtype)
         emb = cond["prompt_embeds"]
-        high = _high_noise(t, self.boundary, self.num_train_timesteps)
+        high = None
+        if self.two_experts:  # each row's expert, decided on the host from the schedule's values (common/host.py)
+            # with t's float32 arithmetic: choosing an expert waits for nothing
+            t_host = np.broadcast_to(np.asarray(host.value(sigma), dtype=np.float32), n) * 1000
+            high = _high_noise(t_host, self.boundary, self.num_train_timesteps).tolist()
         cfg = guidance_scale > 1
         if cfg:  # one batched forward for [negative, positive]
             x, t_in = torch.cat([x, x]), torch.cat([t, t])
             emb = torch.cat([cond["neg_prompt_embeds"], emb])
             extra = {k: torch.cat([v, v]) for k, v in extra.items()}
-            route = torch.cat([high, high])
         else:
-            t_in, route = t, high
+            t_in = t
         kwargs = dict(hidden_states=x, timestep=self._timestep(t_in, x, state, drop), encoder_hidden_states=emb,
                       **extra)
         if self.two_experts:
-            v = self.transformer(route, **kwargs)
+            v = self.transformer(high * 2 if cfg else high, **kwargs)
         else:
             v = self.transformer(**kwargs, return_dict=False)[0]
         v = v[:, :, drop:].float()
         if cfg:
             neg, pos = v.chunk(2)
             g2 = guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
-            if not self.two_experts or bool(high.all()) or g2 == guidance_scale:
+            if not self.two_experts or all(high) or g2 == guidance_scale:
                 scale = guidance_scale
-            elif not bool(high.any()):
+            elif not any(high):
                 scale = g2
             else:  # rows of both experts: each with its expert's scale
-                scale = torch.where(high, torch.tensor(float(guidance_scale)), torch.tensor(float(g2)))
+                scale = torch.where(_high_noise(t, self.boundary, self.num_train_timesteps),
+                                    torch.tensor(float(guidance_scale)), torch.tensor(float(g2)))
                 scale = scale.to(v).view(-1, 1, 1, 1, 1)
             v = neg + scale * (pos - neg)
         return v

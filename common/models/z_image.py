@@ -12,12 +12,14 @@ here CFG needs negative_prompts (pass [""] * B for the pipeline's default). Turb
 9 steps (9 forwards in diffusers 0.42.1; the card counts 8 NFEs), guidance 0. Base: pipeline defaults 1024^2,
 50 steps, guidance 5.0; model card 28-50 steps, guidance 3-5 [recalled].
 """
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen3Config, Qwen3Model
 
+from common import host
 from common.models import tiny_parts
 from common.models.base import RAGGED_TEXT_TOKENS, Adapter
 from common.models.flux1 import FLUX_VAE
@@ -108,7 +110,12 @@ class ZImageAdapter(Adapter):
 
     @staticmethod
     def _captions(emb, lens):
-        return [e[:n] for e, n in zip(emb, lens.tolist())]
+        return [e[:n] for e, n in zip(emb, host.values(lens))]  # the lengths read once per cond (common/host.py)
+
+    @staticmethod
+    def _model_time(t):
+        """1 - sigma from the float32 timesteps t = 1000 sigma, computed as the pipeline does (a tensor or an array)."""
+        return (1000 - t) / 1000
 
     def condition_elements(self, settings, latent_grid=None):
         tokens = min(settings.max_sequence_length, RAGGED_TEXT_TOKENS)
@@ -117,13 +124,16 @@ class ZImageAdapter(Adapter):
 
     def predict(self, z, sigma, cond, state, guidance_scale=1.0, true_cfg_scale=1.0):
         n = z.shape[0]
-        t = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(n) * 1000
-        t = (1000 - t) / 1000  # model time, computed as the pipeline does from its timesteps
+        t = self._model_time(torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(n) * 1000)
         caps = self._captions(cond["prompt_embeds"], cond["prompt_lens"])
         cfg = guidance_scale > 0 and "neg_prompt_embeds" in cond
         if cfg:  # per-sample scale: sigma may differ per sample; the pipeline compares in float64
-            scale = torch.where(t.double() > self.cfg_truncation, 0.0, float(guidance_scale)).float().view(-1, 1, 1, 1)
-            cfg = bool(scale.gt(0).any())  # all truncated: a positive-only pass, as the pipeline makes
+            # 0 past the cut-off: a product, as torch.where of two numbers makes two tensors of them at every step
+            scale = (~(t.double() > self.cfg_truncation) * float(guidance_scale)).view(-1, 1, 1, 1)
+            # all truncated: a positive-only pass, as the pipeline makes; decided on the host, from the schedule's
+            # values (common/host.py) with the same float32 arithmetic, so that no step waits for the device
+            t_host = self._model_time(np.asarray(host.value(sigma), dtype=np.float32) * 1000)
+            cfg = bool((t_host.astype(np.float64) <= self.cfg_truncation).any())
         x = z.to(self.dtype)
         if cfg:  # one batched forward for captions [positive, negative]
             x, t = torch.cat([x, x]), torch.cat([t, t])
