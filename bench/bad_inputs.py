@@ -4,7 +4,10 @@ multi-line box), and the output folder unchanged (absent, or the same files with
 markdown table and the count; exits 1 if any case fails.
 
     python bench/bad_inputs.py              # every case, 2 at a time
-    python bench/bad_inputs.py -k resume    # the cases whose name contains "resume"
+    python bench/bad_inputs.py -k resume    # the cases whose name contains "resume" (-k again: or another)
+    python bench/bad_inputs.py -k path --json bench/results/bad_inputs.json --merge   # rerun some, keep the rest
+
+The finished runs that the resume cases need (two tiny trainings) are made only when a selected case needs them.
 """
 import argparse
 import concurrent.futures
@@ -64,25 +67,105 @@ def fixtures(tmp):
                                                  "images/x.png": b"not a png"})
     f["missing_video"] = dataset("missing_video", {"train.jsonl": '{"prompt": "a", "video": "nope.mp4"}\n'})
     f["text_only"] = dataset("text_only", {"train.txt": "a red cube\na blue ball\n"})
-    # finished runs: grpo (LoRA rank 4) and nft, one epoch each, a checkpoint each
-    for name, script in (("grpo_run", "grpo.py"), ("nft_run", "nft.py")):
-        out = os.path.join(tmp, name)
-        r = run([script, *TINY, "--eval-every", "0", "--output-dir", out])
-        assert r.returncode == 0, r.stderr[-2000:]
-        f[name] = out
-    ckpt = os.path.join(f["grpo_run"], "checkpoints")
-    f["ckpt"] = os.path.join(ckpt, sorted(os.listdir(ckpt))[-1])
-
-    def broken_copy(name, edit):
-        out = os.path.join(tmp, name)
-        shutil.copytree(f["grpo_run"], out)
-        c = os.path.join(out, "checkpoints", os.path.basename(f["ckpt"]))
-        edit(c)
-        return out
-    f["truncated"] = broken_copy("truncated", lambda c: _truncate(os.path.join(c, _first_safetensors(c))))
-    f["empty_state"] = broken_copy("empty_state", lambda c: open(os.path.join(c, "state.json"), "w").close())
+    # issue 21: paths out of the dataset's folders (each pointing at a valid image, so only the confinement stops it)
+    f["secret"] = os.path.join(tmp, "secret.png")
+    _png(f["secret"], 64, 64)
+    f["dotdot"] = dataset("dotdot", {"train.jsonl": '{"prompt": "a", "image": "../../secret.png"}\n'})
+    f["absolute"] = dataset("absolute", {"train.jsonl": json.dumps({"prompt": "a", "image": f["secret"]}) + "\n"})
+    f["symlink"] = dataset("symlink", {"train.jsonl": '{"prompt": "a", "image": "link.png"}\n'})
+    os.symlink(f["secret"], os.path.join(f["symlink"], "images", "link.png"))
+    f["video_out"] = dataset("video_out", {"train.jsonl": '{"prompt": "a", "video": "../../secret.mp4"}\n'})
+    f["not_image"] = dataset("not_image", {"train.jsonl": '{"prompt": "a", "image": "notes.png"}\n',
+                                           "images/notes.png": "API_KEY=not an image"})
+    f["tiny_image"] = dataset("tiny_image", {"train.jsonl": '{"prompt": "a", "image": "dot.png"}\n'})
+    _png(os.path.join(f["tiny_image"], "images", "dot.png"), 1, 1)
+    f["duplicate_key"] = dataset("duplicate_key", {"train.jsonl": '{"prompt": "a", "prompt": "b"}\n'})
+    f["damaged_video"] = dataset("damaged_video", {"train.jsonl": '{"prompt": "a", "video": "clip.mp4"}\n'})
+    _damaged_video(os.path.join(f["damaged_video"], "videos", "clip.mp4"))
+    # issue 21: a folder another run is writing to (a process holding its lock), a reward URL answering HTML
+    f["procs"] = []
+    f["locked"] = os.path.join(tmp, "locked")
+    os.makedirs(f["locked"])
+    f["procs"].append(_background(["-c", "import sys, time; from common.lock import OutputLock; "
+                                   "OutputLock(sys.argv[1]).acquire(); print('ready', flush=True); time.sleep(3600)",
+                                   f["locked"]]))
+    site = os.path.join(tmp, "site")
+    os.makedirs(site)
+    open(os.path.join(site, "health"), "w").write("<html><body>Please sign in</body></html>")
+    f["html_port"] = _free_port()
+    f["procs"].append(_background(["-u", "-c", "import http.server, functools, sys; print('ready', flush=True); "
+                                   "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), functools.partial("
+                                   "http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])).serve_forever()",
+                                   str(f["html_port"]), site]))
+    # finished runs (made by finished_runs, only when a selected case needs them)
+    for name in RUNS:
+        f[name] = os.path.join(tmp, name)
+    f["ckpt"] = os.path.join(f["grpo_run"], "checkpoints", "checkpoint-N")  # the newest, once made
     f["other_run"] = f["grpo_run"]
     return f
+
+
+RUNS = ("grpo_run", "nft_run", "truncated", "empty_state")
+
+
+def finished_runs(f):
+    """grpo (LoRA rank 4) and nft, one epoch each, a checkpoint each; copies of the grpo run with a truncated
+    checkpoint file and an empty state.json."""
+    for name, script in (("grpo_run", "grpo.py"), ("nft_run", "nft.py")):
+        r = run([script, *TINY, "--eval-every", "0", "--output-dir", f[name]])
+        assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = os.path.join(f["grpo_run"], "checkpoints")
+    newest = sorted(os.listdir(ckpt))[-1]
+    f["ckpt"] = os.path.join(ckpt, newest)
+
+    def broken_copy(name, edit):
+        shutil.copytree(f["grpo_run"], f[name])
+        edit(os.path.join(f[name], "checkpoints", newest))
+    broken_copy("truncated", lambda c: _truncate(os.path.join(c, _first_safetensors(c))))
+    broken_copy("empty_state", lambda c: open(os.path.join(c, "state.json"), "w").close())
+
+
+def _png(path, w, h):
+    """An RGB PNG of w x h, written without PIL (the bench imports nothing heavy)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    rows = b"".join(b"\0" + bytes([200, 100, 50]) * w for _ in range(h))
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                 + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _damaged_video(path):
+    """A 20-frame mp4 (written by the project's common.video) whose first frames decode and the rest is garbage."""
+    code = ("import sys, torch, av; from common.video import write_video\n"
+            "t = torch.linspace(0, 1, 20).view(20, 1, 1, 1)\n"
+            "p = write_video(sys.argv[1], (t * torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0)))"
+            ".clamp(0, 1), fps=12)\n"
+            "c = av.open(p); sizes = [k.size for k in c.demux(c.streams.video[0]) if k.size]; c.close()\n"
+            "raw = bytearray(open(p, 'rb').read()); start = raw.find(b'mdat') + 4 + sum(sizes[:12])\n"
+            "raw[start:start + sum(sizes[12:])] = bytes((i * 131 + 7) % 256 for i in range(sum(sizes[12:])))\n"
+            "open(p, 'wb').write(bytes(raw))\n")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    r = run(["-c", code, path])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _background(argv):
+    """A helper process started here (killed at the end), once it prints that it is ready."""
+    p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True,
+                         stderr=subprocess.DEVNULL)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _first_safetensors(c):
@@ -164,6 +247,23 @@ def cases(f):
                                        "--dataset", f["text_only"]], out),
         ("video missing", ["grpo.py", "--model", "wan2_t2v", "--tiny", "--output-dir", out, "--dataset",
                            f["missing_video"]], out),
+        ("image path escaping the dataset with ..", g + ["--dataset", f["dotdot"]], out),
+        ("image path absolute, outside the dataset", g + ["--dataset", f["absolute"]], out),
+        ("image symlink pointing outside the dataset", ["grpo.py", "--model", "flux1-kontext", "--tiny",
+                                                        "--output-dir", out, "--dataset", f["symlink"]], out),
+        ("video path escaping the dataset with ..", ["grpo.py", "--model", "wan2_t2v", "--tiny", "--output-dir", out,
+                                                     "--dataset", f["video_out"]], out),
+        ("text-to-image row whose image is not an image", g + ["--dataset", f["not_image"]], out),
+        ("video damaged after its first frames", ["grpo.py", "--model", "wan2_t2v", "--tiny", "--output-dir", out,
+                                                  "--dataset", f["damaged_video"]], out),
+        ("condition image 1x1 (flux1-kontext)", ["grpo.py", "--model", "flux1-kontext", "--tiny", "--output-dir", out,
+                                                 "--dataset", f["tiny_image"]], out),
+        ("jsonl row with a duplicate key", g + ["--dataset", f["duplicate_key"]], out),
+        ("output folder another run is writing to", ["grpo.py", *TINY, "--output-dir", f["locked"]], f["locked"]),
+        ("remote reward answering an HTML page", g + ["--reward", f"proxy=http://127.0.0.1:{f['html_port']}"], out),
+        ("resume a LoRA run with --finetune full", ["grpo.py", *TINY, "--output-dir", f["grpo_run"], "--resume-from",
+                                                    "latest", "--num-epochs", "2", "--finetune", "full"],
+         f["grpo_run"]),
         ("fresh run into another run's folder", ["grpo.py", *TINY, "--output-dir", f["other_run"]], f["other_run"]),
         ("resume-from a missing folder", g + ["--resume-from", "/nonexistent/checkpoint-1"], out),
         ("resume an nft checkpoint by grpo", ["grpo.py", *TINY, "--output-dir", f["nft_run"], "--resume-from",
@@ -197,17 +297,32 @@ def judge(name, argv, watch):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("-k", default="", help="only the cases whose name contains this")
+    ap.add_argument("-k", action="append", help="only the cases whose name contains this (repeatable: any of them)")
     ap.add_argument("-j", type=int, default=2, help="cases at a time")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--merge", action="store_true", help="with --json: replace the rows of the cases run in that "
+                    "file (by name, new ones appended in case order), keep the others, print the whole table")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bad-inputs-")
     try:
-        rows = [c for c in cases(fixtures(tmp)) if a.k in c[0]]
+        f = fixtures(tmp)
+        rows = [c for c in cases(f) if not a.k or any(k in c[0] for k in a.k)]
+        if any(f[name] in " ".join(map(str, [*argv, watch])) for _, argv, watch in rows for name in RUNS):
+            finished_runs(f)
+            rows = [c for c in cases(f) if not a.k or any(k in c[0] for k in a.k)]  # with the checkpoint's name
         with concurrent.futures.ThreadPoolExecutor(a.j) as pool:
             results = list(pool.map(lambda c: judge(*c), rows))
+        order = [c[0] for c in cases(f)]
     finally:
+        for p in f.get("procs", []) if "f" in locals() else []:
+            p.kill()
+            p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+    if a.merge and a.json and os.path.exists(a.json):
+        with open(a.json) as fh:
+            kept = {r["name"]: r for r in json.load(fh)}
+        kept.update({r["name"]: r for r in results})
+        results = [kept[n] for n in order if n in kept] + [r for n, r in kept.items() if n not in order]
     print("| wrong input | exit | one `error:` line | folder unchanged | what the user reads |\n|---|---|---|---|---|")
     for res in results:
         print(f"| {res['name']} | {res['rc']} | {'yes' if res['one_line'] else 'NO'} | "

@@ -3,7 +3,8 @@ shapes preset), to record before a change and compare after it.
 
 A fingerprint holds what a run computes, not how fast: every metrics.jsonl line without its time/ and memory/ keys,
 and a sha256 over the tensors (names, dtypes, shapes, bytes) of each file of the exported weights (lora/ or
-transformer*/) and of the last checkpoint (trainable, optimizer, EMA and an algorithm's own EMA), with its state.json.
+transformer*/) and of the last checkpoint (trainable, optimizer, EMA and an algorithm's own EMA), with its state.json
+(without the flags it records).
 
     python bench/equal_runs.py record bench/results/equal_runs.json            # every configuration (~12 min)
     python bench/equal_runs.py compare bench/results/equal_runs.json           # the same runs now: equal or not
@@ -94,6 +95,7 @@ def fingerprint(out) -> dict:
             files[f"checkpoint/{name}"] = tensor_hash(os.path.join(last, name))
     with open(os.path.join(last, "state.json")) as f:
         state = json.load(f)
+    state.pop("config", None)  # the run's flags (its temporary output folder among them): not a computed number
     return {"metrics": metrics, "files": files, "state": state, "checkpoint": ckpts[-1]}
 
 

@@ -72,6 +72,9 @@ class RunArgs:
     """folder for relative image paths (if unset: <dataset>/images)"""
     video_dir: str | None = None
     """folder for relative video paths (if unset: <dataset>/videos)"""
+    allow_outside_data_paths: bool = False
+    """accept `image`/`video` paths of dataset rows outside --image-dir / --video-dir (a dataset could otherwise point
+    at any readable file, and a remote reward would receive it)"""
     condition_max_pixels: int | None = None
     """cap on the area of condition images (edit models), in pixels (if unset: the pipeline's own)"""
     reward: tuple[str, ...] = ("pickscore",)

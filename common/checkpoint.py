@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common import sharding
-from common.errors import CheckpointError
+from common.errors import CheckpointError, OutputError, writing
 
 
 def _optimizer_to_flat(opt_state):
@@ -49,9 +49,17 @@ def save(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: dict | N
 
 
 def _write(ckpt_root, step, params, opt_state, ema_state, meta, total_limit, extra):
-    os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"checkpoint-{step}")
     tmp = os.path.join(ckpt_root, f".tmp-checkpoint-{step}")
+    try:
+        return _write_into(ckpt_root, final, tmp, step, params, opt_state, ema_state, meta, total_limit, extra)
+    except OSError as e:  # a full disk: the temporary folder goes, the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write the checkpoint {final}: {e.strerror or e}") from None
+
+
+def _write_into(ckpt_root, final, tmp, step, params, opt_state, ema_state, meta, total_limit, extra):
+    os.makedirs(ckpt_root, exist_ok=True)
     for stale in os.listdir(ckpt_root):  # a write killed half-way leaves its temporary folder: remove it
         if stale.startswith(".tmp-checkpoint-"):
             shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
@@ -256,17 +264,18 @@ def export(adapter, finetune: str, output_dir: str) -> None:
     if sharding.rank() != 0:
         return
     tmp = os.path.join(output_dir, ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if finetune == "lora":
-        (save_lora(adapter, os.path.join(tmp, "lora"), sd) if sd is not None
-         else adapter.save_lora(os.path.join(tmp, "lora")))
-    else:
-        save_full(adapter, tmp, sd) if sd is not None else adapter.save_full(tmp)
-    for name in os.listdir(tmp):
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    shutil.rmtree(tmp)
+    with writing("the export", os.path.join(output_dir, "lora" if finetune == "lora" else "transformer")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        if finetune == "lora":
+            (save_lora(adapter, os.path.join(tmp, "lora"), sd) if sd is not None
+             else adapter.save_lora(os.path.join(tmp, "lora")))
+        else:
+            save_full(adapter, tmp, sd) if sd is not None else adapter.save_full(tmp)
+        for name in os.listdir(tmp):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        shutil.rmtree(tmp)
 
 
 def export_done(adapter, finetune: str, output_dir: str) -> bool:

@@ -1,6 +1,7 @@
 """Every check a run makes before a model loads, and the reward probe right after the rewards load: flags and their
 ranges, sizes, the SDE window, the Wan2.2 experts' reach, rewards, the data (rows, condition images, videos), the
 group sampler's split, the resume point and the output folder. Each problem is one line (common.errors)."""
+import dataclasses
 import json
 import os
 import tempfile
@@ -109,6 +110,40 @@ def check_expert_reach(args, adapter_cls, steps=None, sigma_range=None, time_sam
                           f"not train; {where}")
 
 
+# flags that define the trained weights: a resume with another value would load weights of another shape or meaning
+DEFINE_WEIGHTS = ("model", "model_path", "variant", "tiny", "train_experts", "finetune", "lora_rank", "lora_alpha",
+                  "lora_targets")
+NOT_COMPARED = ("resume_from", "overwrite", "plan", "output_dir", "log_with", "exp_name")
+
+
+def resume_changes(args, resume) -> dict:
+    """{flag: (old, new)} of the flags this command changes against the run it resumes (the checkpoint's record of
+    its flags, else the folder's config.json). A flag that defines the trained weights is refused in one line; every
+    other one (learning rate, weight decay, epochs, clip range, ...) is honoured from here on."""
+    state_path = os.path.join(resume, "state.json")
+    with open(state_path) as f:
+        old = json.load(f).get("config")
+    if old is None:  # a checkpoint written before its state held the flags: the run's config.json
+        try:
+            with open(os.path.join(os.path.dirname(os.path.dirname(resume)), "config.json")) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            return {}
+    new = dataclasses.asdict(args)
+    changed = {k: (old[k], _jsonable(v)) for k, v in new.items()
+               if k in old and k not in NOT_COMPARED and _jsonable(v) != old[k]}
+    for k in DEFINE_WEIGHTS:
+        if k in changed:
+            raise CheckpointError(f"--resume-from {resume}: --{k.replace('_', '-')} {changed[k][0]} -> "
+                                  f"{changed[k][1]}: the flag defines the trained weights, which the checkpoint holds; "
+                                  "resume with the run's value, or start a new run in another --output-dir")
+    return changed
+
+
+def _jsonable(v):
+    return json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
+
+
 def check_output_dir(output_dir, resume, overwrite, script):
     """Before anything is written: runs never share a folder by accident. A fresh run refuses a folder that holds
     another run's checkpoints unless `overwrite` (then its outputs are removed by checkpoint.clear_run, after every
@@ -151,6 +186,7 @@ class Checked:
     reward_specs: list
     reward_paths: dict
     resume: str | None
+    changes: dict  # a resume's changed flags: {flag: (old, new)}
 
 
 def check_run(args, world_size, script, **reach) -> Checked:
@@ -169,10 +205,12 @@ def check_run(args, world_size, script, **reach) -> Checked:
     check_ranges(args)
     check_sizes(args, adapter_cls, world_size)
     check_expert_reach(args, adapter_cls, **reach)
-    train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir)
+    outside = args.allow_outside_data_paths
+    train = data.load_split(args.dataset, "train", args.image_dir, args.video_dir, allow_outside=outside)
     test_split = "test" if data.split_exists(args.dataset, "test") else "train"
-    test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir)
-    data.check_condition_images(train + test, adapter_cls.condition_images, args.model)
+    test = data.load_split(args.dataset, test_split, args.image_dir, args.video_dir, allow_outside=outside)
+    data.check_condition_images(train + test, adapter_cls.condition_images, args.model, adapter_cls,
+                                args.condition_max_pixels)
     data.check_videos(train + test)
     test = test[:: max(1, len(test) // args.eval_num_prompts)][: args.eval_num_prompts]  # spread over the split
     groups = data.GroupSampler(len(train), args.prompts_per_epoch, args.group_size, world_size, args.batch_size,
@@ -183,7 +221,8 @@ def check_run(args, world_size, script, **reach) -> Checked:
     resume = checkpoint.resolve(args.resume_from, os.path.join(args.output_dir, "checkpoints")) \
         if args.resume_from else None
     check_output_dir(args.output_dir, resume, args.overwrite, script)  # runs never mix
-    return Checked(train, test, groups, specs, paths, resume)
+    changes = resume_changes(args, resume) if resume else {}
+    return Checked(train, test, groups, specs, paths, resume, changes)
 
 
 def check_rewards(reward_set, adapter, args, items):

@@ -4,12 +4,14 @@ import json
 import math
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from common.errors import DataError
+from rewards.images import to_rgb8
 
 
 @dataclass
@@ -55,11 +57,28 @@ def _media(row: dict, one: str, many: str, where: str) -> list[str]:
     return paths
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """json object_pairs_hook: a key given twice in one object (at any depth) is an error, not "the last one wins"."""
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen.add(k)
+    return dict(pairs)
+
+
 def _parse_jsonl_line(line: str, where: str) -> tuple[dict, list[str], list[str]]:
     try:
-        row = json.loads(line)
+        row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise DataError(f"{where}: key {e.args[0]!r} appears twice in the row (JSON would keep only the last); "
+                        "give each key once") from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if not _is_str(row.get("prompt")):
@@ -69,16 +88,34 @@ def _parse_jsonl_line(line: str, where: str) -> tuple[dict, list[str], list[str]
     return row, _media(row, "image", "images", where), _media(row, "video", "videos", where)
 
 
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` lies inside `folder` once both are resolved (symlinks and `..` included)."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, base]) == base
+
+
 def load_split(dataset: str, split: str = "train", image_dir: str | None = None, video_dir: str | None = None,
-               check_files: bool = True) -> list[Item]:
+               check_files: bool = True, allow_outside: bool = False) -> list[Item]:
+    """The rows of `split`. Relative `image`/`video` paths are read from image_dir / video_dir (default
+    <dataset>/images, <dataset>/videos); every path, absolute or relative, must resolve (symlinks followed) inside
+    that folder, else the row is refused before the file is opened (a row could otherwise send any readable file
+    to a reward server), unless `allow_outside` (--allow-outside-data-paths)."""
     path = _split_file(dataset, split)
     if path is None:
         raise DataError(f"no {split}.txt or {split}.jsonl in {dataset}")
     dirs = {"image": os.path.abspath(image_dir or os.path.join(dataset, "images")),
             "video": os.path.abspath(video_dir or os.path.join(dataset, "videos"))}
 
-    def resolve(p: str, kind: str, where: str) -> str:
-        p = p if os.path.isabs(p) else os.path.normpath(os.path.join(dirs[kind], p))
+    def resolve(raw: str, kind: str, where: str) -> str:
+        if "\0" in raw:
+            raise DataError(f"{where}: {kind} path {raw!r} contains a NUL character")
+        p = raw if os.path.isabs(raw) else os.path.normpath(os.path.join(dirs[kind], raw))
+        if not allow_outside and not inside(p, dirs[kind]):
+            flag = "--image-dir" if kind == "image" else "--video-dir"
+            real = os.path.realpath(p)
+            raise DataError(f"{where}: {kind} path {raw!r}" + (f" (resolves to {real})" if real != raw else "")
+                            + f" is outside the {kind} folder {dirs[kind]} ({flag}); move the file there, or pass "
+                            "--allow-outside-data-paths")
         if check_files and not os.path.isfile(p):
             raise DataError(f"{where}: {kind} not found: {p}")
         return p
@@ -108,39 +145,88 @@ def load_split(dataset: str, split: str = "train", image_dir: str | None = None,
 
 
 def load_image(path: str) -> Image.Image:
+    """The image at `path` decoded in full, as 8-bit RGB (to_rgb8: every mode and bit depth); DataError if not."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() forces the full decode inside the try
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return to_rgb8(im)  # converting forces the full decode inside the try
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         reason = " ".join(str(e).split())  # keep the message on one line
         raise DataError(f"cannot read image {path}: {reason}") from None
 
 
-def check_condition_images(items: list[Item], mode: str, model: str) -> None:
-    """Before any model loads: each row has the condition images the model takes, and each file is an image.
-    mode: "none" (images, if any, are only for the rewards), "one", "many" (>= 1) or "optional"."""
-    if mode == "none":
-        return
-    checked = set()
+# Condition-image sizes each model's pipeline refuses (measured on the adapters: encode_prompt raises below them).
+# Model facts: the adapters' `condition_min_side` / `condition_max_aspect` class attributes take precedence.
+def condition_size_problem(adapter_cls, width: int, height: int, condition_max_pixels: int | None = None):
+    """Why a condition image of width x height cannot condition `adapter_cls` (None if it can), before any model
+    loads. Qwen-Image-Edit-Plus resizes each image to fixed areas (--condition-max-pixels and the VL copy's
+    `vl_image_pixels`) at its aspect ratio, sides rounded to multiples of 32: the short side must not round to 0."""
+    name = adapter_cls.name
+    min_side, max_aspect = adapter_cls.condition_min_side, adapter_cls.condition_max_aspect
+    if width < min_side or height < min_side:
+        return f"{width}x{height} is smaller than {min_side}x{min_side}, the smallest {name} takes"
+    aspect = max(width / height, height / width)
+    if max_aspect is not None and aspect > max_aspect:
+        return f"{width}x{height} has aspect ratio {aspect:.1f}:1; {name} takes at most {max_aspect:g}:1"
+    if adapter_cls.condition_resized_to_area:
+        areas = [a for a in (condition_max_pixels or adapter_cls.default_condition_max_pixels,
+                             getattr(adapter_cls, "vl_image_pixels", None)) if a]
+        for area in areas:
+            if round(math.sqrt(area / aspect) / 32) == 0:  # the resized short side would be 0 px
+                return (f"{width}x{height} has aspect ratio {aspect:.1f}:1; resized to {area} pixels its short side "
+                        f"rounds to 0 (at most {area / 256:g}:1 at that area; raise --condition-max-pixels)")
+    return None
+
+
+def _image_sizes(paths: list[str]) -> list:
+    """Each file decoded in full (a few threads: PIL decodes outside the GIL): its (width, height), or the
+    DataError it raised."""
+    def size(p):
+        try:
+            return load_image(p).size
+        except DataError as e:
+            return e
+    if len(paths) <= 1:
+        return [size(p) for p in paths]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(paths))) as pool:
+        return list(pool.map(size, paths))
+
+
+def check_condition_images(items: list[Item], mode: str, model: str, adapter_cls=None,
+                           condition_max_pixels: int | None = None) -> None:
+    """Before any model loads: each row has the condition images the model takes, and each file is an image that
+    decodes in full (each distinct file once), and, for models that take condition images, one of a size the model
+    accepts (condition_size_problem). mode: "none" (images, if any, are only for the rewards: checked all the same,
+    so that nothing but decodable images reaches them), "one", "many" (>= 1) or "optional". `adapter_cls`: the
+    model's adapter class (looked up by `model` when not given)."""
+    if mode != "none":
+        for it in items:
+            n = len(it.images)
+            if (mode == "one" and n != 1) or (mode == "many" and n < 1):
+                want = "exactly one condition image ('image')" if mode == "one" else "at least one condition image"
+                raise DataError(f"{it.source}: {model} needs {want}, the row has {n}")
+    first = {}  # distinct path -> the first row that names it
     for it in items:
-        n = len(it.images)
-        if (mode == "one" and n != 1) or (mode == "many" and n < 1):
-            want = "exactly one condition image ('image')" if mode == "one" else "at least one condition image"
-            raise DataError(f"{it.source}: {model} needs {want}, the row has {n}")
         for p in it.images:
-            if p in checked:
-                continue
-            try:
-                with Image.open(p) as im:
-                    im.verify()  # header and structure, without decoding every pixel
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                raise DataError(f"{it.source}: unreadable image {p}: {' '.join(str(e).split())}") from None
-            checked.add(p)
+            first.setdefault(p, it)
+    if not first:
+        return
+    if mode != "none" and adapter_cls is None:
+        from common import models
+        adapter_cls = models.adapter_class(model)
+    for p, got in zip(first, _image_sizes(list(first))):
+        if isinstance(got, DataError):
+            msg = str(got)
+            reason = msg.split(": ", 1)[1] if msg.startswith(f"cannot read image {p}: ") else msg
+            raise DataError(f"{first[p].source}: unreadable image {p}: {reason}")
+        problem = None if mode == "none" else condition_size_problem(adapter_cls, *got, condition_max_pixels)
+        if problem:
+            raise DataError(f"{first[p].source}: condition image {p}: {problem}")
 
 
 def check_videos(items: list[Item]) -> None:
-    """Before any model loads: every video of every row opens and decodes its first frame (each distinct
-    file probed once). Missing files are caught earlier, by load_split, with file:line."""
+    """Before any model loads: every video of every row decodes in full (every frame, as the rewards receive it),
+    has at least one frame and a frame rate (each distinct file once). Missing files are caught earlier, by
+    load_split, with file:line."""
     from common.video import probe_video
     checked = set()
     for it in items:
@@ -150,9 +236,13 @@ def check_videos(items: list[Item]) -> None:
             try:
                 probe_video(p)
             except DataError as e:
-                reason = str(e).split(": ", 1)[1] if str(e).startswith(f"cannot read video {p}: ") else str(e)
-                raise DataError(f"{it.source}: unreadable video {p}: {reason}") from None
+                raise DataError(f"{it.source}: unreadable video {p}: {_video_reason(e, p)}") from None
             checked.add(p)
+
+
+def _video_reason(e: DataError, path: str) -> str:
+    msg = str(e)
+    return msg.split(": ", 1)[1] if msg.startswith(f"cannot read video {path}: ") else msg
 
 
 _VIDEO_CACHE: "OrderedDict[str, tuple[torch.Tensor, float]]" = OrderedDict()
@@ -191,7 +281,15 @@ def reward_metadata(items: list[Item]) -> list[dict]:
     """What the rewards receive per sample: the row's other jsonl keys, its prompt, the condition image paths
     ("images"), the video paths ("videos") and those videos decoded ("video_frames": (frames, fps) pairs)."""
     return [{**it.metadata, "prompt": it.prompt, "images": it.images, "videos": it.videos,
-             "video_frames": [load_video(p) for p in it.videos]} for it in items]
+             "video_frames": [_row_video(it, p) for p in it.videos]} for it in items]
+
+
+def _row_video(it: Item, path: str):
+    """load_video, its error naming the row (a video that changed since the start checks)."""
+    try:
+        return load_video(path)
+    except DataError as e:
+        raise DataError(f"{it.source}: unreadable video {path}: {_video_reason(e, path)}") from None
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """What each process of a run needs from its launch (`python script.py` or `accelerate launch`): CPU threads per
-process, a user error printed as one line once per machine, and an end that never hangs."""
+process, a user error printed as one line once per machine, a stop asked by a signal, and an end that never hangs."""
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 
 from common.errors import USER_ERRORS
@@ -19,9 +21,10 @@ def set_cpu_threads(world_size):
     torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
 
 
-def end_processes(accelerator):
-    """The last call of a run, in place of accelerator.end_training() (COLLECTIVE). One process: end_training().
-    Several: a barrier, the trackers finish, and every process exits at once with code 0, skipping the process
+def end_processes(accelerator, code=0):
+    """The last call of a run, in place of accelerator.end_training() (COLLECTIVE). One process: end_training() (and
+    with a non-zero `code`, exit with it). Several: a barrier, the trackers finish, and every process exits at once
+    with `code`, skipping the process
     group's teardown. Why: freeing DDP's reducer or the process group (in end_training's destroy_process_group, or
     at interpreter exit) joins gloo's worker threads while holding the GIL, and a worker still releasing the last
     collective's work needs the GIL to free that work's tensors: a deadlock at exit, seen in 1 of 30 2-process CPU
@@ -30,13 +33,60 @@ def end_processes(accelerator):
     the run is written and closed before this call; stdout and stderr are flushed."""
     if accelerator.num_processes <= 1:
         accelerator.end_training()
+        if code:
+            sys.exit(code)
         return
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:
         tracker.finish()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
+
+
+# ---- a stop asked by a signal ---------------------------------------------------------------------------------------
+# SIGTERM (what schedulers send before preempting a job) and SIGINT (Ctrl-C) do not kill the run: they ask it to stop
+# at its next safe point (common/run.py: after the epoch's rollout, or after its training and evaluation), where it
+# writes a checkpoint and exits 128 + the signal's number. A second Ctrl-C stops at once (one line, no checkpoint).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_asked = []  # the signals received, in order
+
+
+def _on_signal(signum, frame):
+    if _asked and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    _asked.append(signum)
+    print(f"\n{signal_name(signum)}: stopping at the end of this phase with a checkpoint (Ctrl-C again: at "
+          "once, without one)", file=sys.stderr, flush=True)
+
+
+def signal_name(signum) -> str:
+    return signal.Signals(signum).name
+
+
+def stop_signal() -> int | None:
+    """The first stop signal this process received, or None."""
+    return _asked[0] if _asked else None
+
+
+def request_stop(signum=signal.SIGTERM):
+    """Ask for a stop as the signal would (tests, or an embedding program)."""
+    _asked.append(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within: SIGTERM and SIGINT ask for a stop instead of killing the process (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        _asked.clear()
 
 
 def _launched() -> bool:
@@ -49,7 +99,7 @@ def _peer_lost(e) -> bool:
     return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and "closed by peer" in str(e)
 
 
-def _clear_bars():
+def clear_bars():
     from tqdm import tqdm
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.leave = False
@@ -66,14 +116,21 @@ def errors_as_one_line(grace_seconds=5.0):
     for want of it exit quietly (their traceback would only say a peer left). Launched processes end without
     Python's teardown (os._exit; end_processes says why)."""
     try:
-        yield
+        with stop_on_signals():
+            yield
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run could take a checkpoint
+        clear_bars()
+        print("\ninterrupted: stopped at once; the last checkpoint written is intact", file=sys.stderr, flush=True)
+        if _launched():
+            os._exit(130)
+        sys.exit(130)
     except USER_ERRORS as e:
         if not _launched():
-            _clear_bars()
+            clear_bars()
             sys.exit(f"error: {e}")
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:
             time.sleep(grace_seconds)
-        _clear_bars()
+        clear_bars()
         sys.stdout.flush()
         print(f"\nerror: {e}", file=sys.stderr, flush=True)  # on its own line, after another rank's progress bar
         os._exit(1)

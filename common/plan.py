@@ -313,7 +313,8 @@ def choose_batches(args, algorithm: Algorithm, gpu_bytes: float, num_processes=1
     free = s.gpu_memory_fraction * gpu_bytes - static_peak(memory_plan(args, algorithm, num_processes, sharded, meta))
     key = activation_key(s.model, models.adapter_class(s.model, s.variant).check_variant(s.variant))
     record, _ = _activations(key, {})
-    rollout, evals = s.rollout_batch_size or s.batch_size, s.eval_batch_size or EVAL_BATCH
+    rollout = s.batch_size if s.rollout_batch_size is None else s.rollout_batch_size  # 0 stays 0: the checks refuse it
+    evals = EVAL_BATCH if s.eval_batch_size is None else s.eval_batch_size
     if record is None:
         return Batches(rollout, evals, f"GPU batches: rollout {rollout}, evaluation {evals}\n  (activation memory of "
                                        f"{key} not measured yet: bench/gpu.py)")
@@ -339,7 +340,7 @@ def choose_batches(args, algorithm: Algorithm, gpu_bytes: float, num_processes=1
 def fit_batches(args, algorithm: Algorithm):
     """The run's Args with unset --rollout-batch-size / --eval-batch-size filled in: on a CUDA GPU (a full-size model)
     the widest that fit (`choose_batches`, printed once), elsewhere today's CPU defaults (--batch-size, 8)."""
-    cpu = dataclasses.replace(args, eval_batch_size=args.eval_batch_size or EVAL_BATCH)
+    cpu = dataclasses.replace(args, eval_batch_size=EVAL_BATCH if args.eval_batch_size is None else args.eval_batch_size)
     if args.tiny or args.plan or not torch.cuda.is_available() or not models.adapter_class(
             args.model, args.variant).full_configs:
         return cpu

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -31,12 +32,15 @@ from tqdm.auto import tqdm
 
 import rewards
 from common import checkpoint, checks, data, evaluation, models, sampler, sharding, tracking
+from common import launch
 from common.advantages import epoch_advantages
-from common.kernels import choose_attention, compile_transformer
 from common.args import height_width
 from common.conditioning import Conditioning
 from common.ema import EMA
+from common.errors import writing
+from common.kernels import choose_attention, compile_transformer
 from common.launch import end_processes, set_cpu_threads
+from common.lock import OutputLock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 STORABLE = {"latents", "log_probs", "means", "x0"}  # what a rollout may keep of each sample (Run.rollout)
@@ -64,6 +68,9 @@ class Run:
         checked = checks.check_run(args, self.world, script, **reach)
         self.train_items, self.test_items, self.groups = checked.train, checked.test, checked.groups
         self.resume, self.n_batches = checked.resume, checked.groups.num_batches
+        self.lock = OutputLock(args.output_dir)
+        if acc.is_main_process:
+            self.lock.check()  # another run writing there: refused before the model loads
         if self.device.type == "cpu":
             set_cpu_threads(self.world)
         set_seed(args.seed, device_specific=True)
@@ -89,7 +96,13 @@ class Run:
             state = (checkpoint.load_sharded if args.fsdp else checkpoint.load)(self.resume, self.params,
                                                                                   self.optimizer, self.ema)
             self.start_epoch, self.global_step = state["epoch"] + 1, state["step"]
-            acc.print(f"resumed from {self.resume} at epoch {self.start_epoch}")
+            for group in self.optimizer.param_groups:  # the schedule's flags are this command's (checks.resume_changes)
+                group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
+            acc.print(f"resumed from {self.resume} at epoch {self.start_epoch}" + "".join(
+                f"\n  --{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in checked.changes.items()))
+            if self.start_epoch >= args.num_epochs:
+                acc.print(f"the run is complete: {self.start_epoch} of {args.num_epochs} epochs trained (raise "
+                          "--num-epochs to train on)")
         elif args.resume_from:  # `latest` with no checkpoint yet: the same command starts the run
             acc.print(f"--resume-from {args.resume_from}: no checkpoint in {args.output_dir}; starting fresh")
         self.state = self.adapter.make_state(*height_width(args.resolution), args.num_frames)  # the training size
@@ -98,6 +111,7 @@ class Run:
         self.reward_pool = concurrent.futures.ThreadPoolExecutor(1) if args.async_rewards else None  # one at a time
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         self.timer, self.base_eval, self._micro, self._accumulation = tracking.Timer(self.device), None, 0, 1
+        self.resume_changes, self._saved = checked.changes, (self.global_step, self.resume)  # the last checkpoint
         self.merge_lora = args.finetune == "lora" and (args.lora_merged_sampling if args.lora_merged_sampling is not None
                                                       else self.device.type == "cuda" and not args.fsdp
                                                       and args.compile == "none")
@@ -144,11 +158,12 @@ class Run:
         back to its checkpoint); every prompt encoded once (--encode-once); the base model's evaluation."""
         args, acc = self.args, self.accelerator
         if acc.is_main_process:
+            with writing("the output folder", args.output_dir):
+                os.makedirs(args.output_dir, exist_ok=True)
+            self.lock.acquire()  # held until the process ends
             if args.overwrite and not self.resume:
                 checkpoint.clear_run(args.output_dir)
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=1)
+            self._write_config()
             if not self.resume and os.path.exists(self.metrics_path):
                 os.remove(self.metrics_path)  # a fresh run starts a fresh log; a resumed run appends
             elif self.resume:  # after the lines of epochs the checkpoint does not hold
@@ -166,6 +181,18 @@ class Run:
             if acc.is_main_process:
                 tracking.append_jsonl(self.metrics_path, {"epoch": -1, **self.base_eval, **self.timer.pop(),
                                                           **tracking.peak_memory_gb(self.device)})
+
+    def _write_config(self):
+        """config.json: this command's flags, and (resumed) each resume's epoch and the flags it changed."""
+        path = os.path.join(self.args.output_dir, "config.json")
+        resumed = []
+        if self.resume and os.path.exists(path):
+            with open(path) as f:
+                resumed = json.load(f).get("resumed", [])
+            resumed.append({"epoch": self.start_epoch, "checkpoint": self.resume,
+                            "changed": {k: list(v) for k, v in self.resume_changes.items()}})
+        with writing("the run's config", path), open(path, "w") as f:
+            json.dump({**dataclasses.asdict(self.args), **({"resumed": resumed} if resumed else {})}, f, indent=1)
 
     def epochs(self):
         """The epochs left to train, under the whole run's progress bar (with its estimate)."""
@@ -217,6 +244,7 @@ class Run:
             for b, rows in enumerate(sampler.micro_batches(len(items), args.batch_size), start=c):
                 samples.append(self._sample(epoch, b, items[rows], images[rows], self.adapter.select(cond, rows),
                                             traj.rows(rows), store))
+        self.stop_if_asked(epoch - 1)  # a signal during the rollout: the weights are still epoch - 1's
         return samples
 
     def _sample(self, epoch, b, items, images, cond, traj, store) -> dict:
@@ -324,12 +352,44 @@ class Run:
         if acc.is_main_process:
             tracking.log_epoch(acc, self.metrics_path, record)
         if (epoch + 1) % args.save_every == 0 or last:
-            acc.wait_for_everyone()
-            if args.fsdp or acc.is_main_process:  # sharded: every rank gathers, rank 0 writes
-                (checkpoint.save_sharded if args.fsdp else checkpoint.save)(
-                    os.path.join(args.output_dir, "checkpoints"), self.global_step, self.params, self.optimizer,
-                    self.ema, meta={"epoch": epoch, "script": self.script}, total_limit=args.checkpoints_total_limit,
-                    extra={name: s.state_dict() for name, s in self.algo_state.items()})
+            self._save(epoch)
+        self.stop_if_asked(epoch)
+
+    def _save(self, epoch):
+        """A checkpoint of the state after `epoch` (COLLECTIVE: sharded, every rank gathers; rank 0 writes)."""
+        args, acc = self.args, self.accelerator
+        acc.wait_for_everyone()
+        path = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{self.global_step}")
+        if args.fsdp or acc.is_main_process:
+            path = (checkpoint.save_sharded if args.fsdp else checkpoint.save)(
+                os.path.join(args.output_dir, "checkpoints"), self.global_step, self.params, self.optimizer,
+                self.ema, meta={"epoch": epoch, "script": self.script, "config": dataclasses.asdict(args)},
+                total_limit=args.checkpoints_total_limit,
+                extra={name: s.state_dict() for name, s in self.algo_state.items()}) or path
+        self._saved = (self.global_step, path)
+
+    def stop_if_asked(self, done_epoch):
+        """A stop asked by SIGTERM or SIGINT (common/launch.py) on any process ends the run here, at a phase's end:
+        every process agrees (one small collective per phase, never per step), the state after `done_epoch` is
+        checkpointed unless the last checkpoint holds it, one line says how to go on, and every process exits
+        128 + the signal's number. Bound: the rest of the phase the signal came in (the epoch's rollout, or its
+        training and evaluation) and one checkpoint."""
+        asked = launch.stop_signal() or 0
+        if self.world > 1:
+            asked = int(self.accelerator.gather(torch.tensor([asked], device=self.device)).max())
+        if not asked:
+            return
+        acc = self.accelerator
+        if self.global_step != self._saved[0]:
+            self._save(done_epoch)
+        name, path = launch.signal_name(asked), self._saved[1]
+        if acc.is_main_process:
+            launch.clear_bars()  # the line is the last one the run prints
+            print(f"{name}: stopped before the first optimizer step; the same command starts again" if path is None
+                  else f"{name}: stopped after epoch {done_epoch} with the checkpoint {path}; the same command with "
+                       "--resume-from latest goes on from there", file=sys.stderr, flush=True)
+            self.lock.release()
+        end_processes(acc, code=128 + asked)
 
     def finish(self):
         """The EMA weights exported in diffusers format (lora/ or transformer/; sharded: gathered by every rank; also
@@ -348,4 +408,5 @@ class Run:
                                       self.base_images + self.final_images, ["base"] * len(self.base_images)
                                       + ["trained"] * len(self.final_images), args.num_epochs)
             acc.print(tracking.run_summary(self.metrics_path))  # the result, as the last lines: trained vs base
+        self.lock.release()
         end_processes(acc)

@@ -3,12 +3,15 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from PIL import Image
+
+from common.errors import CheckpointError, writing
 
 
 class Timer:
@@ -42,16 +45,33 @@ def peak_memory_gb(device) -> dict:
     return {"memory/peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
+def read_jsonl(path) -> list[dict]:
+    """The records of a jsonl file the run appends to. A last line cut short (a crash or a full disk during the
+    append) is dropped with a warning; a broken line before it is an error naming file:line."""
+    with open(path) as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i != lines[-1][0]:
+                raise CheckpointError(f"{path}:{i}: not a JSON record (only a last line can be torn by a crash)")
+            print(f"warning: {os.path.basename(path)}: dropped a torn last line ({path}:{i}, {len(line)} bytes)",
+                  file=sys.stderr, flush=True)
+    return records
+
+
 def keep_epochs_before(path, epoch: int):
-    """On resume: drop the records of epochs >= `epoch` (written after the checkpoint by a run that was then killed),
-    so the resumed run's lines are not duplicated; the file is rewritten atomically."""
+    """On resume: drop the records of epochs >= `epoch` (written after the checkpoint by a run that was then killed)
+    and a torn last line, so the resumed run's lines are not duplicated; the file is rewritten atomically."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < epoch]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+    records = [r for r in read_jsonl(path) if r.get("epoch", -1) < epoch]
+    with writing("the metrics", path):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(path + ".tmp", path)
 
 
 class TrainStats:
@@ -110,7 +130,7 @@ def log_epoch(accelerator, metrics_path, record: dict):
 
 
 def append_jsonl(path, record: dict):
-    with open(path, "a") as f:
+    with writing("the metrics", path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -157,6 +177,11 @@ def save_samples(accelerator, out_dir, tag, images, captions, step, *, fps: floa
     """Write samples/<tag>.png and a captions file; send the grid to the trackers.
     Videos ((B,F,3,H,W) or a list of (F,3,H,W)): <tag>.png is a column of frame strips (one row per sample)
     and <tag>.mp4 plays the grid of all samples' frame t (a shorter sample holds its last frame)."""
+    with writing("the samples", os.path.join(out_dir, tag)):
+        _save_samples(accelerator, out_dir, tag, images, captions, step, fps)
+
+
+def _save_samples(accelerator, out_dir, tag, images, captions, step, fps):
     from common.video import frame_strip, write_frames
     os.makedirs(out_dir, exist_ok=True)
     videos = _as_videos(images)
@@ -198,8 +223,7 @@ def run_summary(metrics_path) -> str:
     """The run's result, read back from metrics.jsonl: the trained model's last evaluation against the base model's
     (epoch -1), one row per metric (accuracies in %), and the best evaluation with its epoch. A metric that repeats
     another one's values in every evaluation (the shapes reward is its dense score) is shown once."""
-    with open(metrics_path) as f:
-        evals = [r for r in map(json.loads, f) if any(k.startswith("eval/") for k in r)]
+    evals = [r for r in read_jsonl(metrics_path) if any(k.startswith("eval/") for k in r)]
     base = next((r for r in evals if r["epoch"] == -1), None)
     trained = [r for r in evals if r["epoch"] >= 0]
     if base is None or not trained:

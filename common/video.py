@@ -50,8 +50,8 @@ def _fps(stream) -> float | None:
     return float(rate) if rate else None
 
 
-def _decode(container, stream, path: str):
-    """Yield the RGB frames; a truncated or damaged file raises DataError instead of ending early
+def _frames(container, stream, path: str):
+    """Yield the decoded frames; a truncated or damaged file raises DataError instead of ending early
     (FFmpeg itself stops at a partial packet without an error, which would silently lose frames)."""
     n = 0
     try:
@@ -59,7 +59,7 @@ def _decode(container, stream, path: str):
             if packet.is_corrupt:
                 raise DataError(f"cannot read video {path}: truncated or corrupt data after {n} frames")
             for frame in packet.decode():
-                yield _rgb(frame)
+                yield frame
                 n += 1
     except DataError:
         raise
@@ -67,13 +67,25 @@ def _decode(container, stream, path: str):
         raise DataError(f"cannot read video {path}: decoding failed after {n} frames ({_reason(e)})") from None
 
 
-def probe_video(path: str) -> None:
-    """Cheap check (before any model loads): the file opens, has a video stream and its first frame decodes."""
+def _decode(container, stream, path: str):
+    """Yield the RGB frames (see _frames)."""
+    for frame in _frames(container, stream, path):
+        yield _rgb(frame)
+
+
+def probe_video(path: str) -> tuple[int, float]:
+    """The check before any model loads: the file opens, has a video stream and a frame rate, and every frame
+    decodes (a file whose first frames decode but whose rest is damaged fails here, not when its row is drawn);
+    frames are not converted to RGB. Returns (frames, fps)."""
     container, stream = _open(path)
     with container:
-        for _ in _decode(container, stream, path):
-            return
-    raise DataError(f"cannot read video {path}: no frames")
+        fps = _fps(stream)
+        n = sum(1 for _ in _frames(container, stream, path))
+    if not n:
+        raise DataError(f"cannot read video {path}: no frames")
+    if fps is None:
+        raise DataError(f"cannot read video {path}: no frame rate in the file")
+    return n, fps
 
 
 def read_video(path: str) -> tuple[torch.Tensor, float]:

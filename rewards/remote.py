@@ -29,6 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from rewards.base import Reward, RewardError
+from rewards.images import to_rgb8
 
 PROTOCOL = "flow-rl-reward/1"
 MEDIA_TYPE = "application/vnd.flow-rl-reward+safetensors"
@@ -210,10 +211,15 @@ def _png_b64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _rgb8(path):
+    with Image.open(path) as im:
+        return to_rgb8(im)  # 16-bit, palette, CMYK: as the run itself reads them (Pillow's convert whitens 16-bit)
+
+
 def compute_payload(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict:
     """{prompt, image: [b64 PNG] | None, video: [[b64 PNG per frame]] | None, condition_images, condition_videos}."""
     u8 = to_uint8(images)
-    cond = [[_png_b64(Image.open(p).convert("RGB")) for p in m.get("images") or []] for m in metadata]
+    cond = [[_png_b64(_rgb8(p)) for p in m.get("images") or []] for m in metadata]
     cond_v = [[[_png_b64(f) for f in to_uint8(frames)] for frames, _ in m.get("video_frames") or []]
               for m in metadata]
     return {"prompt": list(prompts),
@@ -268,8 +274,8 @@ class RemoteReward(Reward):
         except ValueError:
             info = None
         if not isinstance(info, dict) or info.get("protocol") != PROTOCOL:
-            raise RewardError(f"reward {self.name!r}: {self.url}/health does not speak {PROTOCOL} (got "
-                              f"{one_line(r.text)[:100]!r}); for a reference-project server end the URL with /compute")
+            raise RewardError(self._answered(r, "/health", f"{PROTOCOL} JSON") + "; for a reference-project server "
+                              "end the URL with /compute")
         return info
 
     def close(self):
@@ -315,8 +321,19 @@ class RemoteReward(Reward):
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
 
+    def _answered(self, r, path, expected) -> str:
+        """What a 2xx answer that is not the protocol's was: the reward, the URL, the status and the content type
+        (an HTML page from a proxy or a login wall answers 200 too)."""
+        kind = r.headers.get("content-type", "no content type")
+        return (f"reward {self.name!r}: {self.url}{path} answered {r.status_code} with {kind} "
+                f"({len(r.content)} bytes: {one_line(r.text)[:80]!r}), expected {expected}")
+
     def _post(self, path: str, body: bytes) -> torch.Tensor:
-        tensors, _ = decode(self._request("POST", path, body, MEDIA_TYPE).content)
+        r = self._request("POST", path, body, MEDIA_TYPE)
+        try:
+            tensors, _ = decode(r.content)
+        except RewardError:
+            raise RewardError(self._answered(r, path, MEDIA_TYPE)) from None
         if "scores" not in tensors:
             raise RewardError(f"reward {self.name!r}: {self.url}{path} answered without 'scores'")
         return tensors["scores"]
@@ -326,10 +343,11 @@ class RemoteReward(Reward):
             return torch.zeros(0)
         if self.spec.compute:
             body = json.dumps(compute_payload(images, prompts, metadata)).encode()
+            r = self._request("POST", "/compute", body, "application/json")
             try:
-                out = self._request("POST", "/compute", body, "application/json").json()
+                out = r.json()
             except ValueError:
-                out = None
+                raise RewardError(self._answered(r, "/compute", "JSON {rewards: [...]}")) from None
             if not isinstance(out, dict) or out.get("error") or not isinstance(out.get("rewards"), list):
                 raise RewardError(f"reward {self.name!r}: {self.url}/compute answered {one_line(out)[:200]} "
                                   "instead of {rewards: [...]}")

@@ -58,7 +58,7 @@ def test_image_vs_images_and_absolute_paths(tmp_path):
         {"prompt": "q", "video": "v.mp4"},
         {"prompt": "r", "images": []},
     ))
-    a, b, c = load_split(str(tmp_path))
+    a, b, c = load_split(str(tmp_path), allow_outside=True)  # `absolute` lies outside images/
     assert a.images == [str(tmp_path / "images" / "sub" / "b.png"), absolute]
     assert b.videos == [str(tmp_path / "videos" / "v.mp4")] and b.images == []
     assert c.images == []
@@ -298,7 +298,8 @@ def test_sampler_plus_gather_keeps_groups_aligned():
 
 
 def test_condition_images_counted_and_readable(tmp_path):
-    png(tmp_path / "images" / "a.png")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")  # 4x4 is below flux1-kontext's 16x16
     (tmp_path / "images" / "bad.png").write_bytes(b"not a png")
     write(tmp_path / "train.jsonl", jsonl({"prompt": "p1", "image": "a.png"}, {"prompt": "p2"},
                                           {"prompt": "p3", "images": ["a.png", "bad.png"]}))
@@ -306,7 +307,9 @@ def test_condition_images_counted_and_readable(tmp_path):
     f = str(tmp_path / "train.jsonl")
     check_condition_images(items[:1], "one", "flux1-kontext")
     check_condition_images(items[:2], "optional", "flux2")
-    check_condition_images(items, "none", "flux1")  # images may be there for the rewards only
+    check_condition_images(items[:2], "none", "flux1")  # images for the rewards only: decoded all the same
+    with pytest.raises(DataError, match=f"^{f}:3: unreadable image .*bad.png"):
+        check_condition_images(items, "none", "flux1")
     with pytest.raises(DataError, match=f"^{f}:2: flux1-kontext needs exactly one condition image"):
         check_condition_images(items, "one", "flux1-kontext")
     with pytest.raises(DataError, match=f"^{f}:2: qwen-image-edit-plus needs at least one condition image"):

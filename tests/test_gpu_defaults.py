@@ -194,3 +194,10 @@ def test_regional_compile_compiles_each_block(model):
 def test_nft_args_accept_compile_modes():
     for mode in ("none", "blocks", "full"):
         assert parse_with_presets(nft.Args, nft.PRESETS, nft.TINY, ["--tiny", "--compile", mode]).compile == mode
+
+
+def test_a_zero_batch_reaches_the_range_check():
+    """--eval-batch-size 0 is the user's value (refused by the checks), not "unset"."""
+    assert plan.fit_batches(flux_args("--eval-batch-size", "0"), GRPO).eval_batch_size == 0
+    chosen = plan.choose_batches(flux_args("--eval-batch-size", "0", "--rollout-batch-size", "0"), GRPO, 80 * plan.GB)
+    assert (chosen.rollout, chosen.eval) == (0, 0)

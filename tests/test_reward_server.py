@@ -328,7 +328,7 @@ def test_server_killed_mid_run_fails_within_the_bound(servers):
 
 def test_reference_compute_protocol_interop(servers, tmp_path):
     url = servers["compute"][0]
-    one_line_error(check_specs, [f"ref={url}"], match="does not speak flow-rl-reward/1.*end the URL with /compute")
+    one_line_error(check_specs, [f"ref={url}"], match="expected flow-rl-reward/1 JSON; for a reference-project server end the URL with /compute")
     rs = load_rewards([f"ref={url}/compute:0.5", "jpeg_compressibility"])
     assert rs.weights["ref"] == 0.5 and not rs.is_groupwise("ref")
     cond = str(tmp_path / "c.png")
@@ -341,3 +341,59 @@ def test_reference_compute_protocol_interop(servers, tmp_path):
         expected = s["jpeg_compressibility"].clone()
         expected[0] += cond_mean
         assert torch.allclose(s["ref"], expected, rtol=0, atol=1e-5)
+
+
+def test_an_html_answer_names_the_reward_url_status_and_content_type():
+    """A proxy or login page answering 200 with HTML: the error names the reward, the URL, the status and the content
+    type (issue 21 item 9), on /health, /score and /compute alike."""
+    import http.server
+    import json
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _send(self, body: bytes, kind: str):
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # a protocol health answer only under /ok, so that /score is reached
+            if self.path.startswith("/ok"):
+                self._send(json.dumps({"protocol": "flow-rl-reward/1", "name": "x"}).encode(), "application/json")
+            else:
+                self._send(b"<html><body>Sign in</body></html>", "text/html; charset=utf-8")
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._send(b"<html><body>Sign in</body></html>", "text/html; charset=utf-8")
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        one_line_error(check_specs, [f"proxy={url}"], match=rf"reward 'proxy': {url}/health answered 200 with "
+                                                            r"text/html; charset=utf-8 \(33 bytes: '<html>")
+        x = u8_images(2, 3, 8, 8)
+        rs = load_rewards([f"proxy={url}/ok"])
+        one_line_error(rs.score, x, ["a", "b"], [{}, {}], match=rf"reward 'proxy': {url}/ok/score answered 200 with "
+                                                                 "text/html.*expected application/vnd.flow-rl")
+        rs = load_rewards([f"proxy={url}/compute"])
+        one_line_error(rs.score, x, ["a", "b"], [{}, {}], match=rf"reward 'proxy': {url}/compute answered 200 "
+                                                                 r"with text/html.*expected JSON \{rewards")
+    finally:
+        server.shutdown()
+
+
+def test_compute_payload_reads_16_bit_condition_images(tmp_path):
+    """The /compute protocol sends condition images as PNGs: a 16-bit one as the run reads it (scaled to 8 bits),
+    not white (Pillow's convert("RGB") of a 16-bit image)."""
+    from rewards.remote import compute_payload
+    path = str(tmp_path / "deep.png")
+    values = np.array([[0, 257 * 128], [65535, 257 * 64]], dtype=np.uint16)
+    Image.fromarray(values).save(path)  # uint16: a 16-bit gray PNG
+    payload = compute_payload(torch.zeros(1, 3, 2, 2), ["a"], [{"images": [path]}])
+    sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload["condition_images"][0][0]))))
+    assert sent.shape == (2, 2, 3) and (sent[..., 0] == [[0, 128], [255, 64]]).all()

@@ -64,6 +64,9 @@ class Adapter:
     # more), "optional" (zero or more)
     condition_images = "none"
     default_condition_max_pixels = None  # the pipeline's own area for condition images
+    condition_min_side = 1        # the smallest condition image side the pipeline encodes (common/data.py checks it)
+    condition_max_aspect = None   # the widest aspect ratio it takes (None: any)
+    condition_resized_to_area = False  # each condition image resized to a fixed area, sides multiples of 32
     # the model's recommended sampling settings (ALGORITHMS.md H), shared by every algorithm script; a script's
     # PRESETS[name] adds its algorithm's settings on top (common/cli.py); the Args defaults are FLUX.1-dev's
     preset: dict = {}

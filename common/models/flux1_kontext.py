@@ -32,6 +32,7 @@ class Flux1KontextAdapter(Flux1Adapter):
     tiny_preset = dict(dataset=os.path.join(ROOT, "datasets", "demo-edit"), condition_max_pixels=64 * 64)
     hub_id = "black-forest-labs/FLUX.1-Kontext-dev"
     condition_images = "one"
+    condition_min_side = 16  # each side floored to a multiple of vae_scale_factor * 2
     default_condition_max_pixels = BUCKET_AREA
 
     @classmethod

@@ -98,6 +98,7 @@ class Flux2Adapter(Adapter):
     hub_id = "black-forest-labs/FLUX.2-dev"
     condition_images = "optional"
     default_condition_max_pixels = 1024 * 1024
+    condition_min_side, condition_max_aspect = 64, 8  # Flux2ImageProcessor.check_image_input's defaults
     # a regex because the single blocks' attn.to_out is a plain Linear while the double blocks' is a ModuleList:
     # the suffix "attn.to_out" would hit both and PEFT rejects the ModuleList (MODELS.md 4, pitfall 10)
     default_target_modules = (

@@ -238,6 +238,8 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
     hub_id = "Qwen/Qwen-Image-Edit-2511"
     condition_images = "many"
     default_condition_max_pixels = 1024 * 1024  # the pipeline's VAE_IMAGE_SIZE
+    condition_max_aspect = 200  # the Qwen2.5-VL processor's aspect limit (its 384^2 copy)
+    condition_resized_to_area = True
     vl_image_pixels = 384 * 384  # the pipeline's CONDITION_IMAGE_SIZE: area of the VL encoder's copies
     # 2511 = 2509 + zero_cond_t (MODELS.md 3.6 [hub-copy])
     full_configs = {"2511": _full_config(zero_cond_t=True), "2509": _full_config()}
