@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -42,15 +43,16 @@ def finished(path, num_epochs):
 def run(algo, seed, args):
     path = run_dir(args.out, algo, seed)
     if finished(path, args.num_epochs):
-        print(f"{algo} seed {seed}: done already")
+        print(f"{algo} seed {seed}: done already", flush=True)
         return
     cmd = [sys.executable, os.path.join(ROOT, f"{algo}.py"), "--seed", str(seed), "--num-epochs", str(args.num_epochs),
            "--eval-every", str(args.eval_every), "--eval-num-prompts", str(args.eval_num_prompts),
            "--save-every", str(args.num_epochs), "--output-dir", path, "--log-with", "none"]
     print(" ".join(cmd[1:]), flush=True)
     os.makedirs(path, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     with open(os.path.join(path, "stdout.log"), "w") as log:
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def curves(rows, images_per_epoch):
@@ -122,17 +124,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
-    p.add_argument("--num-epochs", type=int, default=60)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-num-prompts", type=int, default=120)
+    p.add_argument("--num-epochs", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-num-prompts", type=int, default=240)
     p.add_argument("--target", type=float, default=0.1, help="dense-reward gain whose first crossing the table reports")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads torch threads)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: --jobs > 1: 1)")
     p.add_argument("--summarize-only", action="store_true")
     args = p.parse_args()
+    args.threads = args.threads or (1 if args.jobs > 1 else None)
     if not args.summarize_only:
-        for seed in args.seeds:
-            for algo in args.algorithms:
-                run(algo, seed, args)
+        runs = [(algo, seed) for seed in args.seeds for algo in args.algorithms]
+        with ThreadPoolExecutor(args.jobs) as pool:  # in order: every algorithm of a seed before the next seed
+            for done in [pool.submit(run, algo, seed, args) for algo, seed in runs]:
+                done.result()
     summarize(args)
 
 

@@ -51,6 +51,8 @@ class RunArgs:
     """frozen weights and forwards in this precision; trainable weights stay fp32"""
     gradient_checkpointing: bool = True
     """recompute activations in backward to save memory"""
+    cpu_threads: int = 0
+    """torch threads per process on a CPU (0: the cores / the processes of the machine; OMP_NUM_THREADS wins)"""
     attention_backend: str | None = None
     """diffusers attention backend, e.g. flash, _native_cudnn, sage (if unset: torch SDPA; on CUDA without cuDNN's
     kernel, whose backward crashes FLUX.1 training)"""
@@ -117,6 +119,9 @@ class RunArgs:
     """number of consecutive SDE steps per rollout (SDE dynamics only)"""
     sde_window_range: tuple[int, int] = (1, 4)
     """the window lies in steps [lo, hi); its start is drawn per epoch"""
+    same_noise_in_group: bool = False
+    """a group's images start from one initial noise: they differ only by the SDE window's noise, the steps that
+    train (DanceGRPO's recipe); SDE dynamics only"""
     latent_storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp16"
     """dtype of the latents a rollout stores (log-probs are taken after the round trip)"""
     offload_samples: bool = False
@@ -125,6 +130,8 @@ class RunArgs:
     """K, images per prompt"""
     prompts_per_epoch: int = 48
     """M, distinct prompts per epoch (M*K must divide by num_processes*batch_size)"""
+    balance_prompts_by: str = ""
+    """a train.jsonl key (e.g. tag): each epoch's prompts spread evenly over its values, not over the rows"""
     batch_size: int = 2
     """micro-batch per process, for rollout and training alike"""
     rollout_batch_size: int | None = None
@@ -135,6 +142,8 @@ class RunArgs:
     # Training
     learning_rate: float = 3e-4
     """AdamW learning rate"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """the learning rate over the run's epochs: constant, or decaying from --learning-rate toward 0 at the last"""
     weight_decay: float = 1e-4
     """AdamW weight decay"""
     max_grad_norm: float = 1.0

@@ -22,7 +22,7 @@ RANGES = {
     "eval_num_prompts": (1, True), "eval_batch_size": (1, True), "prompts_per_epoch": (1, True),
     "adv_clip": (0, False), "adv_eps": (0, True), "kl_beta": (0, True), "ema_interval": (1, True),
     "noise_level": (0, True), "guidance_scale": (0, True), "true_cfg_scale": (0, True),
-    "condition_max_pixels": (1, True), "ema_decay": (0, 1), "gpu_memory_fraction": (0, 1),
+    "condition_max_pixels": (1, True), "ema_decay": (0, 1), "gpu_memory_fraction": (0, 1), "cpu_threads": (0, True),
 }
 
 
@@ -48,6 +48,9 @@ def check_sampling(args):
                                        and lo + args.sde_window_size <= min(hi, args.num_steps)):
         raise ConfigError(f"--sde-window-size {args.sde_window_size} does not fit --sde-window-range {lo} {hi} "
                           f"within {args.num_steps} steps")
+    if args.same_noise_in_group and (args.dynamics == "ODE" or args.noise_level == 0):
+        raise ConfigError("--same-noise-in-group needs stochastic steps (--dynamics other than ODE, --noise-level > 0):"
+                          " with the ODE every image of a group would be the same")
     if args.dynamics == "CPS" and args.noise_level > 1:
         raise ConfigError(f"--noise-level must be <= 1 with --dynamics CPS (its std is sigma sin(eta pi / 2)), "
                           f"got {args.noise_level}")
@@ -214,7 +217,7 @@ def check_run(args, world_size, script, **reach) -> Checked:
     data.check_videos(train + test)
     test = test[:: max(1, len(test) // args.eval_num_prompts)][: args.eval_num_prompts]  # spread over the split
     groups = data.GroupSampler(len(train), args.prompts_per_epoch, args.group_size, world_size, args.batch_size,
-                               args.seed)
+                               args.seed, strata=data.strata(train, args.balance_prompts_by))
     if groups.num_batches % args.gradient_steps_per_epoch:
         raise ConfigError(f"{groups.num_batches} micro-batches per process per epoch do not split into "
                           f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} equal steps")

@@ -292,6 +292,16 @@ def _row_video(it: Item, path: str):
         raise DataError(f"{it.source}: unreadable video {path}: {_video_reason(e, path)}") from None
 
 
+def strata(items: list[Item], key: str) -> list[str] | None:
+    """Each row's value of the jsonl key `key` (--balance-prompts-by), or None when no key is given."""
+    if not key:
+        return None
+    for it in items:
+        if key not in it.metadata:
+            raise DataError(f"{it.source}: --balance-prompts-by {key}: the row has no {key!r} key")
+    return [json.dumps(it.metadata[key], sort_keys=True) for it in items]
+
+
 @dataclass
 class EpochPlan:
     items: list[int]  # dataset indices of all M*K samples of the epoch, in global order (identical on every rank)
@@ -309,7 +319,9 @@ class GroupSampler:
     """M prompts x K copies per epoch, the same on every rank (shared seed), shuffled so groups span ranks."""
 
     def __init__(self, num_items: int, prompts_per_epoch: int, group_size: int, world_size: int,
-                 batch_size: int, seed: int):
+                 batch_size: int, seed: int, strata: list | None = None):
+        """strata: a label per item (e.g. its "tag"): each epoch then draws the labels as evenly as possible and
+        distinct prompts within each label, so that a label with few prompts is trained as often as a large one."""
         sizes = dict(num_items=num_items, prompts_per_epoch=prompts_per_epoch, group_size=group_size,
                      num_processes=world_size, batch_size=batch_size)
         for name, v in sizes.items():
@@ -324,16 +336,36 @@ class GroupSampler:
                             + " or ".join(map(str, options)))
         self.num_items, self.M, self.K, self.W, self.B, self.seed = num_items, M, K, W, B, seed
         self.num_batches = M * K // (W * B)  # micro-batches per rank per epoch
+        if strata is not None and len(strata) != num_items:
+            raise ValueError(f"{len(strata)} strata labels for {num_items} items")
+        self.strata = None if strata is None else {
+            label: torch.tensor([i for i, x in enumerate(strata) if x == label]) for label in sorted(set(strata))}
 
     def plan(self, epoch: int) -> EpochPlan:
         # own generator, never the global RNG: every rank (and a resumed run) draws the same plan
         g = torch.Generator().manual_seed(self.seed + epoch)
         # concatenated permutations: distinct prompts if M <= N, else every prompt at least once, as even as possible
-        perms = [torch.randperm(self.num_items, generator=g) for _ in range(math.ceil(self.M / self.num_items))]
-        prompts = torch.cat(perms)[:self.M]
+        if self.strata is None:
+            perms = [torch.randperm(self.num_items, generator=g) for _ in range(math.ceil(self.M / self.num_items))]
+            prompts = torch.cat(perms)[:self.M]
+        else:
+            prompts = self._balanced(g)
         # shuffle the M*K samples so a group's members land on different ranks/batches
         groups = torch.arange(self.M).repeat_interleave(self.K)[torch.randperm(self.M * self.K, generator=g)]
         return EpochPlan(items=prompts[groups].tolist(), groups=groups.tolist())
+
+    def _balanced(self, g):
+        """M prompts: labels from concatenated permutations of the labels (each label ceil or floor M / labels
+        times), within a label its prompts from concatenated permutations (distinct while they last)."""
+        labels = list(self.strata)
+        n = math.ceil(self.M / len(labels))
+        order = torch.cat([torch.randperm(len(labels), generator=g) for _ in range(n)])[:self.M].tolist()
+        pools = {}
+        for label in labels:
+            idx = self.strata[label]
+            pools[label] = torch.cat([idx[torch.randperm(len(idx), generator=g)]
+                                      for _ in range(math.ceil(n / len(idx)))]).tolist()
+        return torch.tensor([pools[labels[k]].pop(0) for k in order])
 
     def local_batches(self, epoch: int, rank: int) -> list[tuple[list[int], list[int]]]:
         items, groups = self.plan(epoch).local(rank, self.W)

@@ -10,15 +10,15 @@ import time
 from common.errors import USER_ERRORS
 
 
-def set_cpu_threads(world_size):
-    """On a CPU without OMP_NUM_THREADS: torch threads = the cores this process may use / the processes of this
-    machine (torch's own default gives every process every core, which oversubscribes under accelerate launch).
-    OMP_NUM_THREADS=N overrides it; on a busy machine OMP_NUM_THREADS=1 is much faster (README)."""
+def set_cpu_threads(world_size, threads=0):
+    """On a CPU without OMP_NUM_THREADS: `threads` torch threads (--cpu-threads), or if 0 the cores this process may
+    use / the processes of this machine (torch's own default gives every process every core, which oversubscribes
+    under accelerate launch). OMP_NUM_THREADS=N overrides both; on a busy machine 1 is much faster (README)."""
     import torch
     if "OMP_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    torch.set_num_threads(threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
 
 
 def end_processes(accelerator, code=0):

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -44,6 +45,15 @@ from common.lock import OutputLock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 STORABLE = {"latents", "log_probs", "means", "x0"}  # what a rollout may keep of each sample (Run.rollout)
+
+
+def lr_factor(schedule: str, epoch: int, num_epochs: int) -> float:
+    """The share of --learning-rate that epoch `epoch` trains with: 1, or linear / cosine decay from 1 at epoch 0
+    to 1 / num_epochs (linear) or near 0 (cosine) at the last epoch."""
+    if schedule == "constant":
+        return 1.0
+    t = epoch / num_epochs
+    return 1.0 - t if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 class Run:
@@ -72,7 +82,7 @@ class Run:
         if acc.is_main_process:
             self.lock.check()  # another run writing there: refused before the model loads
         if self.device.type == "cpu":
-            set_cpu_threads(self.world)
+            set_cpu_threads(self.world, args.cpu_threads)
         set_seed(args.seed, device_specific=True)
         self.storage_dtype = DTYPES[args.latent_storage_dtype]
         self.adapter = models.load(args.model, args.model_path, tiny=args.tiny, device=self.device,
@@ -231,8 +241,7 @@ class Run:
                 for b in range(c, c + len(chunk))]
             with self.timer("rollout"), self.autocast(), self._sampling(merged_ok=merged_ok):
                 cond = self.conditioning.encode(items, self.state)
-                z = torch.cat([self.adapter.prepare_noise(len(idx), *height_width(args.resolution), g, args.num_frames)
-                               for (idx, _), g in zip(chunk, gens)])
+                z = self._initial_noise(epoch, chunk, gens)
                 traj = sampler.rollout(lambda x, i: self.velocity(x, self.sigmas[i], cond), z, self.sigmas,
                                        sde_window, args.noise_level, args.dynamics,
                                        keep=None if "latents" in store else set(), keep_means="means" in store,
@@ -246,6 +255,17 @@ class Run:
                                             traj.rows(rows), store))
         self.stop_if_asked(epoch - 1)  # a signal during the rollout: the weights are still epoch - 1's
         return samples
+
+    def _initial_noise(self, epoch, chunk, gens):
+        """The rollout's starting noise: from each micro-batch's generator, or (--same-noise-in-group) one draw per
+        group of the epoch, the same on every rank and micro-batch holding a member of the group."""
+        args, size = self.args, height_width(self.args.resolution)
+        if not args.same_noise_in_group:
+            return torch.cat([self.adapter.prepare_noise(len(idx), *size, g, args.num_frames)
+                              for (idx, _), g in zip(chunk, gens)])
+        return torch.cat([self.adapter.prepare_noise(1, *size, torch.Generator().manual_seed(
+            (args.seed * 1_000_003 + epoch * 10_007) * 8_191 + group), args.num_frames)
+            for _, groups in chunk for group in groups])
 
     def _sample(self, epoch, b, items, images, cond, traj, store) -> dict:
         args = self.args
@@ -284,6 +304,8 @@ class Run:
         rollout's order (its first micro-batch is exactly on-policy), later ones are shuffled by seed."""
         self.adapter.transformer.train()
         self._micro = 0
+        for group in self.optimizer.param_groups:  # --lr-schedule, by epoch (a resume recomputes it)
+            group["lr"] = self.args.learning_rate * lr_factor(self.args.lr_schedule, epoch, self.args.num_epochs)
         with self.timer("train"):
             for inner in range(self.args.num_inner_epochs):
                 order = list(range(len(samples))) if inner == 0 else torch.randperm(len(samples), generator=(

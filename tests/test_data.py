@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from common.data import (DataError, GroupSampler, Item, check_condition_images, load_image, local_slice, load_split,
-                         split_exists)
+                         split_exists, strata)
 
 
 def write(path, text):
@@ -316,3 +316,34 @@ def test_condition_images_counted_and_readable(tmp_path):
         check_condition_images(items, "many", "qwen-image-edit-plus")
     with pytest.raises(DataError, match=f"^{f}:3: unreadable image .*bad.png"):
         check_condition_images(items[2:], "many", "qwen-image-edit-plus")
+
+
+def test_balanced_plan_spreads_prompts_over_labels():
+    labels = ["a"] * 2 + ["b"] * 3 + ["c"] * 20  # 25 rows, labels of very different sizes
+    s = GroupSampler(25, 6, 4, world_size=1, batch_size=4, seed=5, strata=labels)
+    per_label = Counter()
+    for epoch in range(30):
+        p = s.plan(epoch)
+        assert Counter(p.groups) == {g: 4 for g in range(6)}
+        prompts = {g: i for i, g in zip(p.items, p.groups)}
+        assert len(set(prompts.values())) == 6  # distinct prompts within the epoch
+        counts = Counter(labels[i] for i in prompts.values())
+        assert counts == {"a": 2, "b": 2, "c": 2}  # M = 6 over 3 labels: exactly 2 each, even for the 2-row label
+        per_label.update(labels[i] for i in prompts.values())
+    assert GroupSampler(25, 6, 4, 1, 4, seed=5, strata=labels).plan(7) == s.plan(7)  # reproducible
+    # uneven: M = 4 over 3 labels gives each label 1 or 2 prompts; a label's prompts repeat only once exhausted
+    s = GroupSampler(25, 4, 2, 1, 2, seed=0, strata=labels)
+    for epoch in range(10):
+        counts = Counter(labels[i] for i in set(s.plan(epoch).items))
+        assert sorted(counts.values()) == [1, 1, 2]
+
+
+def test_balanced_plan_by_a_jsonl_key(tmp_path):
+    rows = [{"prompt": f"p{i}", "tag": "x" if i < 2 else "y"} for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_split(str(tmp_path), "train")
+    assert strata(items, "") is None
+    assert strata(items, "tag") == ['"x"'] * 2 + ['"y"'] * 4
+    (tmp_path / "train.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "q"}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:2: --balance-prompts-by tag: the row has no 'tag' key"):
+        strata(load_split(str(tmp_path), "train"), "tag")

@@ -66,3 +66,6 @@ def test_cpu_threads_are_the_cores_shared_by_the_machines_processes():
     pinned = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, check=True).stdout.split()
     assert pinned[0] == "1"  # OMP_NUM_THREADS wins
+    chosen = code.replace("set_cpu_threads(2)", "set_cpu_threads(2, 3)")  # --cpu-threads 3
+    assert subprocess.run([sys.executable, "-c", chosen], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True).stdout.split()[0] == "3"

@@ -94,3 +94,38 @@ def test_rewards_are_parsed_and_checked_once_per_process(tmp_path, monkeypatch):
     run = tiny_run(tmp_path, "--reward", *specs)  # the checks, the model, the rewards and their probe
     assert sorted(parsed) == sorted(specs) and len(health) == 1
     assert run.reward_set.names == ["remote", "jpeg_compressibility"] and run.reward_set.weights["remote"] == 0.5
+
+
+def test_same_noise_in_group_shares_the_initial_noise_of_a_group_only(tmp_path):
+    run = tiny_run(tmp_path, "--same-noise-in-group", "--batch-size", "2")  # TINY: 4 prompts x 4 images
+    batches = run.groups.local_batches(0, 0)
+    gens = [torch.Generator().manual_seed(b) for b in range(len(batches))]
+    z = run._initial_noise(0, batches, gens)
+    groups = [g for _, gs in batches for g in gs]
+    assert len(z) == len(groups) == 16 and len(set(groups)) == 4
+    for i, gi in enumerate(groups):
+        for j, gj in enumerate(groups):
+            assert torch.equal(z[i], z[j]) == (gi == gj)  # equal exactly within a group
+    narrow = torch.cat([run._initial_noise(0, [b], [g]) for b, g in zip(batches, gens)])
+    assert torch.equal(narrow, z)  # any rollout width (and any rank holding a member) draws the same
+    assert not torch.equal(run._initial_noise(1, batches, gens), z)  # fresh every epoch
+    plain = tiny_run(tmp_path / "plain", "--batch-size", "2")._initial_noise(0, batches, gens)
+    assert not torch.equal(plain[0], plain[1]) and plain.shape == z.shape  # off: a draw per image
+
+
+def test_same_noise_in_group_needs_stochastic_steps(tmp_path):
+    from common.errors import ConfigError
+    with pytest.raises(ConfigError, match="--same-noise-in-group needs stochastic steps"):
+        Run(tiny_args("nft", tmp_path / "nft", "--same-noise-in-group"), "nft.py")
+
+
+def test_lr_schedule_by_epoch(tmp_path):
+    from common.run import lr_factor
+    assert [lr_factor("constant", e, 4) for e in range(4)] == [1.0] * 4
+    assert [lr_factor("linear", e, 4) for e in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert [lr_factor("cosine", e, 4) for e in range(4)] == pytest.approx(
+        [1.0, (1 + 2**-0.5) / 2, 0.5, (1 - 2**-0.5) / 2])
+    run = tiny_run(tmp_path, "--lr-schedule", "linear", "--learning-rate", "0.002", "--num-epochs", "8")
+    for epoch, want in ((0, 0.002), (6, 0.0005)):
+        next(run.train_batches([{}], epoch))  # each epoch's training sets the epoch's rate
+        assert run.optimizer.param_groups[0]["lr"] == pytest.approx(want)

@@ -135,10 +135,14 @@ class ShapesAdapter(Flux1Adapter):
     hub_id = os.path.join(ROOT, "models", "shapes-flux")
     full_configs = {}  # it is its own full size: no memory plan
     # every algorithm on the shapes world: its 64 px images, 10 steps, true CFG against the empty prompt, the
-    # rule-checked reward, full fine-tuning in fp32, evaluation on the 480 held-out rows (a script adds its own)
+    # rule-checked reward, full fine-tuning in fp32, evaluation on the 480 held-out rows (a script adds its own);
+    # prompts balanced over the six categories (the 65 training rows are 27 color_attr but 2 two_object), the
+    # learning rate decaying linearly to 0 and a 10-epoch evaluation EMA (issue 22: bench/shapes_levers.py)
     preset = dict(model_path=hub_id, dataset=os.path.join(ROOT, "datasets", "shapes"), reward=("shapes",),
                   resolution=64, eval_resolution=64, num_steps=10, eval_num_steps=10, guidance_scale=1.0,
                   true_cfg_scale=3.0, negative_prompt="", max_sequence_length=16, group_size=8, prompts_per_epoch=8,
-                  batch_size=16, finetune="full", learning_rate=3e-5, mixed_precision="no",
+                  balance_prompts_by="tag",
+                  batch_size=16, finetune="full", learning_rate=3e-5, lr_schedule="linear", mixed_precision="no",
                   gradient_checkpointing=False, latent_storage_dtype="fp32", eval_num_prompts=480,
-                  eval_batch_size=64, ema_decay=0.5, ema_interval=1, log_with="none", output_dir="{output_dir}-shapes")
+                  eval_batch_size=64, ema_decay=0.9, ema_interval=1, log_with="none", output_dir="{output_dir}-shapes",
+                  cpu_threads=1)  # a model this small runs as fast on one thread as on two (README)
