@@ -3,8 +3,10 @@
 ODE sampling of the test prompts with per-prompt fixed noise (seed `eval_seed + row`), so every evaluation
 of a run, and every run and process count, sees the same noise for the same prompt; rewards are gathered
 over processes; rewards that define `eval_metrics` (the shapes checker: strict accuracy per category) add
-theirs; a grid of 16 prompts spread over the split is saved under samples/.
+theirs; a grid of 16 prompts spread over the split is saved under samples/, with each prompt's mean rewards
+(`<tag>_prompts.json`: which prompts a run learns, and which it gives up on).
 """
+import json
 import os
 
 import torch
@@ -12,6 +14,7 @@ from tqdm.auto import tqdm
 
 from common import data, sampler, tracking
 from common.args import height_width
+from common.errors import writing
 
 
 @torch.no_grad()
@@ -39,15 +42,27 @@ def evaluate(accelerator, adapter, conditioning, reward_set, items, args, epoch)
         for k, v in data.score(reward_set, batch, imgs).items():
             scores[k].append(v)
         images += [img for i, img in zip(idx, conditioning.shown(batch, imgs.cpu())) if i in grid_ids]
-    out, metadata = {}, [it.metadata for it in items]
+    out, metadata, per_prompt = {}, [it.metadata for it in items], {}
     for k, v in scores.items():
         all_k = accelerator.gather(torch.cat(v).to(device)).cpu()[: len(items)]
         out[f"eval/reward_{k}"] = all_k.mean().item()
+        per_prompt[k] = prompt_means(items, all_k.tolist())
         if hasattr(reward_set.rewards[k], "eval_metrics"):  # e.g. strict accuracy per category
             out.update({f"eval/{k}_{m}": x for m, x in reward_set.rewards[k].eval_metrics(all_k, metadata).items()})
-    images = images[:16]
+    images, tag = images[:16], f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base"
     if accelerator.is_main_process:
-        tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"),
-                              f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base", images,
+        tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), tag, images,
                               [items[i].prompt for i in grid_ids], epoch)
+        path = os.path.join(args.output_dir, "samples", f"{tag}_prompts.json")
+        with writing("the per-prompt evaluation", path), open(path, "w") as f:
+            json.dump(per_prompt, f, indent=1)
     return out, images
+
+
+def prompt_means(items, values):
+    """{prompt: [mean value over its rows, rows]} in the order prompts first appear."""
+    sums = {}
+    for it, v in zip(items, values):
+        total, n = sums.get(it.prompt, (0.0, 0))
+        sums[it.prompt] = (total + v, n + 1)
+    return {p: [total / n, n] for p, (total, n) in sums.items()}

@@ -64,6 +64,9 @@ def test_smoke_subprocess_writes_every_output(tmp_path):
     for f in ["config.json", "samples/eval_base.png", "samples/eval_epoch0001.png", "samples/train_epoch0001.png",
               "lora/pytorch_lora_weights.safetensors"]:
         assert (out / f).is_file(), f
+    per_prompt = json.loads((out / "samples/eval_epoch0001_prompts.json").read_text())["jpeg_compressibility"]
+    assert sum(n for _, n in per_prompt.values()) == 4  # TINY: 4 evaluation rows, each prompt's mean and rows
+    assert sum(m * n for m, n in per_prompt.values()) / 4 == pytest.approx(rows[2]["eval/reward_jpeg_compressibility"])
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-2", "checkpoint-4"]
     assert any("tfevents" in f for _, _, fs in os.walk(out / "grpo") for f in fs)  # tensorboard
     keys = load_file(out / "lora/pytorch_lora_weights.safetensors").keys()
