@@ -144,5 +144,4 @@ class ShapesAdapter(Flux1Adapter):
                   balance_prompts_by="tag",
                   batch_size=16, finetune="full", learning_rate=3e-5, lr_schedule="linear", mixed_precision="no",
                   gradient_checkpointing=False, latent_storage_dtype="fp32", eval_num_prompts=480,
-                  eval_batch_size=64, ema_decay=0.9, ema_interval=1, log_with="none", output_dir="{output_dir}-shapes",
-                  cpu_threads=1)  # a model this small runs as fast on one thread as on two (README)
+                  eval_batch_size=64, ema_decay=0.9, ema_interval=1, log_with="none", output_dir="{output_dir}-shapes")
