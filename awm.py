@@ -101,10 +101,10 @@ def awm_log_prob(v, u, sigma, weighting, power=0.25):
 
 def check_args(args):
     """This algorithm's flags, before anything loads (the shared ones: common/checks.py)."""
+    checks.check_ranges(args, {"clip_range": (0, False), "anchor_decay": (0, 1)})  # first: every float flag finite
     timesteps.check_config(args.time_sampler, args.num_train_timesteps, args.timestep_range, args.time_shift)
     if args.ghuber_power <= 0:
         raise ConfigError(f"--ghuber-power must be > 0, got {args.ghuber_power}")
-    checks.check_ranges(args, {"clip_range": (0, False), "anchor_decay": (0, 1)})
 
 
 def main(args: Args):

@@ -78,13 +78,13 @@ def kl_penalty(kl_type, v, v_ref, mean, mean_ref, std):
 
 def check_args(args):
     """This algorithm's flags, before anything loads (the shared ones: common/checks.py)."""
+    checks.check_ranges(args, {"clip_range": (0, False)})  # first: every float flag finite
     if args.noise_level <= 0:
         raise ConfigError("--noise-level must be > 0: GRPO needs stochastic steps")
     lo, hi = args.sde_window_range
     if args.dynamics == "CPS" and hi >= args.num_steps:  # CPS's std sigma_next sin(eta pi / 2) is 0 there
         raise ConfigError(f"--dynamics CPS: the last step (to sigma 0) is deterministic and has no log-prob; end "
                           f"--sde-window-range before it (e.g. --sde-window-range {lo} {args.num_steps - 1})")
-    checks.check_ranges(args, {"clip_range": (0, False)})
 
 
 def main(args: Args):

@@ -88,11 +88,11 @@ def kl_penalty(kl_type, v, v_ref, mean, mean_ref, std):
 
 def check_args(args):
     """This algorithm's flags, before anything loads (the shared ones: common/checks.py)."""
+    checks.check_ranges(args, {"clip_range": (0, False)})  # first: every float flag finite
     if args.noise_level <= 0:
         raise ConfigError("--noise-level must be > 0: GRPO needs stochastic steps")
     if args.dynamics != "Flow-SDE":
         raise ConfigError(f"GRPO-Guard supports --dynamics Flow-SDE only, got {args.dynamics}")
-    checks.check_ranges(args, {"clip_range": (0, False)})
 
 
 def main(args: Args):

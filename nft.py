@@ -106,10 +106,10 @@ def nft_loss(v, v_old, x0, z_t, sigma, r, beta, adv_clip):
 
 def check_args(args):
     """This algorithm's flags, before anything loads (the shared ones: common/checks.py)."""
+    checks.check_ranges(args, {"old_decay": (0, 1)})  # first: every float flag finite
     timesteps.check_config(args.time_sampler, args.num_train_timesteps, args.timestep_range, args.time_shift)
     if args.nft_beta <= 0:
         raise ConfigError(f"--nft-beta must be > 0, got {args.nft_beta}")
-    checks.check_ranges(args, {"old_decay": (0, 1)})
 
 
 def main(args: Args):

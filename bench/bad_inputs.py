@@ -1,6 +1,7 @@
 """Wrong inputs, measured from outside: each case is the real command line (tiny models, a subprocess), judged by
 what a user sees: exit code != 0, stderr exactly one non-empty line and it starts with `error:` (no traceback, no
-multi-line box), and the output folder unchanged (absent, or the same files with the same bytes). Prints a
+multi-line box; a run stopped in training: its last line, and no traceback), and the output folder unchanged
+(absent, or the same files with the same bytes; training gone NaN: no lora/ exported). Prints a
 markdown table and the count; exits 1 if any case fails.
 
     python bench/bad_inputs.py              # every case, 2 at a time
@@ -82,6 +83,26 @@ def fixtures(tmp):
     f["duplicate_key"] = dataset("duplicate_key", {"train.jsonl": '{"prompt": "a", "prompt": "b"}\n'})
     f["damaged_video"] = dataset("damaged_video", {"train.jsonl": '{"prompt": "a", "video": "clip.mp4"}\n'})
     _damaged_video(os.path.join(f["damaged_video"], "videos", "clip.mp4"))
+    # issue 27: text read only by "\n" lines, lone surrogates, blank prompts, media folders linking out of the dataset
+    f["u2028_then_bad"] = dataset("u2028_then_bad", {"train.jsonl": '{"prompt": "a\u2028b"}\n{"prompt": "c",\n'})
+    f["surrogate"] = dataset("surrogate", {"train.jsonl": '{"prompt": "a"}\n{"prompt": "a \\ud800 b"}\n'})
+    f["blank_prompt"] = dataset("blank_prompt", {"train.jsonl": '{"prompt": "a"}\n{"prompt": "   "}\n'})
+    f["images_root"] = dataset("images_root", {"train.jsonl": json.dumps({"prompt": "a", "image": f["secret"][1:]})
+                                               + "\n"})
+    os.rmdir(os.path.join(f["images_root"], "images"))
+    os.symlink("/", os.path.join(f["images_root"], "images"))  # images/ -> /: every file of the machine "inside"
+    f["videos_root"] = dataset("videos_root", {"train.jsonl": json.dumps({"prompt": "a", "video": f["secret"][1:]})
+                                               + "\n"})
+    os.symlink("/", os.path.join(f["videos_root"], "videos"))
+    # issue 27: a model folder given as --output-dir (--overwrite must not empty it), a lock path that is a folder
+    f["model_dir"] = os.path.join(tmp, "model_dir")
+    for rel, content in (("config.json", '{"_class_name": "FluxPipeline"}'), ("model_index.json", "{}"),
+                         ("transformer/config.json", "{}"), ("samples/mine.png", "png")):
+        os.makedirs(os.path.dirname(os.path.join(f["model_dir"], rel)), exist_ok=True)
+        open(os.path.join(f["model_dir"], rel), "w").write(content)
+    f["lock_dir"] = os.path.join(tmp, "lock_dir")
+    os.makedirs(os.path.join(f["lock_dir"], ".run.lock"))
+    f["nan_out"] = os.path.join(tmp, "nan_out")
     # issue 21: a folder another run is writing to (a process holding its lock), a reward URL answering HTML
     f["procs"] = []
     f["locked"] = os.path.join(tmp, "locked")
@@ -105,7 +126,7 @@ def fixtures(tmp):
     return f
 
 
-RUNS = ("grpo_run", "nft_run", "truncated", "empty_state")
+RUNS = ("grpo_run", "nft_run", "truncated", "empty_state", "nan_weights", "no_optimizer", "no_ema")
 
 
 def finished_runs(f):
@@ -123,6 +144,16 @@ def finished_runs(f):
         edit(os.path.join(f[name], "checkpoints", newest))
     broken_copy("truncated", lambda c: _truncate(os.path.join(c, _first_safetensors(c))))
     broken_copy("empty_state", lambda c: open(os.path.join(c, "state.json"), "w").close())
+    broken_copy("nan_weights", _nan_weights)
+    broken_copy("no_optimizer", lambda c: os.remove(os.path.join(c, "optimizer.safetensors")))
+    broken_copy("no_ema", lambda c: os.remove(os.path.join(c, "ema.safetensors")))
+
+
+def _nan_weights(c):
+    r = run(["-c", "import sys; from safetensors.torch import load_file, save_file\n"
+                   "t = load_file(sys.argv[1]); k = sorted(t)[0]; t[k].view(-1)[0] = float('nan')\n"
+                   "save_file(t, sys.argv[1])", os.path.join(c, "trainable.safetensors")])
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def _png(path, w, h):
@@ -215,6 +246,10 @@ def cases(f):
         ("reward that raises", ["--reward", "tests.test_bad_inputs.RaisingReward"]),
         ("reward that returns None", ["--reward", "tests.test_bad_inputs.none_reward"]),
         ("unknown model", ["--model", "no-such-model"]), ("unknown variant", ["--variant", "nope"]),
+        *[(f"{flag} {value}", [f"--{flag}", value]) for flag, value in (  # issue 27: NaN and inf pass comparisons
+            ("learning-rate", "inf"), ("learning-rate", "nan"), ("weight-decay", "nan"), ("max-grad-norm", "nan"),
+            ("guidance-scale", "nan"), ("adv-clip", "nan"), ("clip-range", "nan"), ("kl-beta", "nan"),
+            ("noise-level", "nan"))],
         ("model-path not a folder", ["--model-path", "/nonexistent/flux"]),
     ]
     rows = [(name, g + extra, out) for name, extra in flags]
@@ -259,6 +294,30 @@ def cases(f):
         ("condition image 1x1 (flux1-kontext)", ["grpo.py", "--model", "flux1-kontext", "--tiny", "--output-dir", out,
                                                  "--dataset", f["tiny_image"]], out),
         ("jsonl row with a duplicate key", g + ["--dataset", f["duplicate_key"]], out),
+        ("jsonl malformed after a raw U+2028 line", g + ["--dataset", f["u2028_then_bad"]], out),
+        ("jsonl prompt with a lone surrogate", g + ["--dataset", f["surrogate"]], out),
+        ("jsonl prompt of only whitespace", g + ["--dataset", f["blank_prompt"]], out),
+        ("images folder a symlink to /", g + ["--dataset", f["images_root"]], out),
+        ("videos folder a symlink to /", ["grpo.py", "--model", "wan2_t2v", "--tiny", "--output-dir", out, "--dataset",
+                                          f["videos_root"]], out),
+        ("--overwrite into a model folder", ["grpo.py", *TINY, "--output-dir", f["model_dir"], "--overwrite"],
+         f["model_dir"]),
+        ("fresh run into a model folder", ["grpo.py", *TINY, "--output-dir", f["model_dir"]], f["model_dir"]),
+        ("lock file that is a folder", ["grpo.py", *TINY, "--output-dir", f["lock_dir"]], f["lock_dir"]),
+        ("training that goes non-finite (--learning-rate 1e30)", ["grpo.py", *TINY, "--num-epochs", "2",
+                                                                   "--output-dir", f["nan_out"], "--learning-rate",
+                                                                   "1e30"], os.path.join(f["nan_out"], "lora")),
+        ("resume a checkpoint whose weights hold NaN", ["grpo.py", *TINY, "--output-dir", f["nan_weights"],
+                                                        "--resume-from", os.path.join(f["nan_weights"], "checkpoints",
+                                                                                      os.path.basename(f["ckpt"])),
+                                                        "--num-epochs", "2"], f["nan_weights"]),
+        ("resume latest, its only checkpoint without optimizer.safetensors",
+         ["grpo.py", *TINY, "--output-dir", f["no_optimizer"], "--resume-from", "latest", "--num-epochs", "2"],
+         f["no_optimizer"]),
+        ("resume a checkpoint without ema.safetensors", ["grpo.py", *TINY, "--output-dir", f["no_ema"], "--resume-from",
+                                                         os.path.join(f["no_ema"], "checkpoints",
+                                                                      os.path.basename(f["ckpt"])), "--num-epochs",
+                                                         "2"], f["no_ema"]),
         ("output folder another run is writing to", ["grpo.py", *TINY, "--output-dir", f["locked"]], f["locked"]),
         ("remote reward answering an HTML page", g + ["--reward", f"proxy=http://127.0.0.1:{f['html_port']}"], out),
         ("resume a LoRA run with --finetune full", ["grpo.py", *TINY, "--output-dir", f["grpo_run"], "--resume-from",
@@ -289,6 +348,8 @@ def judge(name, argv, watch):
     before = snapshot(watch) if watch else None
     r = run(argv)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
+    if "goes non-finite" in name:  # stopped in training: the progress bars came first, the error line is the last
+        lines = lines[-1:] if "Traceback" not in r.stderr else lines
     one_line = len(lines) == 1 and lines[0].startswith("error:")
     unchanged = watch is None or snapshot(watch) == before
     return dict(name=name, rc=r.returncode, one_line=one_line, unchanged=unchanged,

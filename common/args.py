@@ -71,12 +71,13 @@ class RunArgs:
     dataset: str = "datasets/demo"
     """dataset folder with train.txt|jsonl (+ test.txt|jsonl, images/, videos/)"""
     image_dir: str | None = None
-    """folder for relative image paths (if unset: <dataset>/images)"""
+    """folder for relative image paths (if unset: <dataset>/images, which must resolve inside the dataset folder)"""
     video_dir: str | None = None
-    """folder for relative video paths (if unset: <dataset>/videos)"""
+    """folder for relative video paths (if unset: <dataset>/videos, which must resolve inside the dataset folder)"""
     allow_outside_data_paths: bool = False
-    """accept `image`/`video` paths of dataset rows outside --image-dir / --video-dir (a dataset could otherwise point
-    at any readable file, and a remote reward would receive it)"""
+    """accept `image`/`video` paths of dataset rows outside --image-dir / --video-dir, and a dataset's images/ or
+    videos/ folder that resolves outside the dataset folder (a dataset could otherwise point at any readable file,
+    and a remote reward would receive it)"""
     condition_max_pixels: int | None = None
     """cap on the area of condition images (edit models), in pixels (if unset: the pipeline's own)"""
     reward: tuple[str, ...] = ("pickscore",)

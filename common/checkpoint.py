@@ -14,10 +14,11 @@ import re
 import shutil
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common import sharding
-from common.errors import CheckpointError, OutputError, writing
+from common.errors import CheckpointError, OutputError, write_cause, writing
 
 
 def _optimizer_to_flat(opt_state):
@@ -53,9 +54,9 @@ def _write(ckpt_root, step, params, opt_state, ema_state, meta, total_limit, ext
     tmp = os.path.join(ckpt_root, f".tmp-checkpoint-{step}")
     try:
         return _write_into(ckpt_root, final, tmp, step, params, opt_state, ema_state, meta, total_limit, extra)
-    except OSError as e:  # a full disk: the temporary folder goes, the previous checkpoints stay as they were
+    except (OSError, SafetensorError) as e:  # a full disk: the temporary folder goes, earlier checkpoints stay
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write the checkpoint {final}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write the checkpoint {final}: {write_cause(e)}") from None
 
 
 def _write_into(ckpt_root, final, tmp, step, params, opt_state, ema_state, meta, total_limit, extra):
@@ -71,8 +72,9 @@ def _write_into(ckpt_root, final, tmp, step, params, opt_state, ema_state, meta,
         save_file({k: v.cpu().contiguous() for k, v in ema_state.items()}, os.path.join(tmp, "ema.safetensors"))
     for name, state in (extra or {}).items():
         save_file({k: v.cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, f"{name}.safetensors"))
+    files = sorted(n for n in os.listdir(tmp) if n.endswith(".safetensors"))  # a resume checks each is there
     with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "optimizer": opt_meta, **(meta or {})}, f, indent=1)
+        json.dump({"step": step, "optimizer": opt_meta, "files": files, **(meta or {})}, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if total_limit:
@@ -103,31 +105,82 @@ def save_sharded(ckpt_root, step: int, params: dict, optimizer, ema=None, meta: 
 
 RUN_OUTPUTS = ("checkpoints", "lora", "transformer", "transformer_2", "samples", "metrics.jsonl", "config.json",
                ".tmp-export")
+CONFIG_KEYS = {"model", "output_dir", "reward", "seed", "num_epochs"}  # a run's config.json holds these flags
+
+
+def is_run_config(path) -> bool:
+    """Whether `path` is a run's config.json (a JSON object of this project's flags), not another program's file."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and CONFIG_KEYS <= config.keys()
+
+
+def is_run_folder(output_dir) -> bool:
+    """Whether output_dir holds a run of this project: its config.json, or a checkpoint's state.json (a torn
+    config.json still leaves the checkpoints that say what the folder is)."""
+    return is_run_config(os.path.join(output_dir, "config.json")) or any(
+        _readable_state(c) for c in checkpoint_folders(os.path.join(output_dir, "checkpoints")))
+
+
+def _readable_state(path):
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def run_outputs(output_dir) -> list[str]:
+    """The names of RUN_OUTPUTS present in output_dir."""
+    return [n for n in RUN_OUTPUTS if os.path.lexists(os.path.join(output_dir, n))]
 
 
 def clear_run(output_dir):
-    """--overwrite: remove a previous run's outputs from output_dir (checkpoints, exports, samples, logs)."""
+    """--overwrite: remove a previous run's outputs from output_dir (checkpoints, exports, samples, logs), only those
+    (checks.check_output_dir has refused a folder that is not a run). In checkpoints/, only the checkpoint folders
+    (checkpoint-N, .tmp-checkpoint-N) go; anything else a user put there stays."""
     for name in RUN_OUTPUTS:
         path = os.path.join(output_dir, name)
-        if os.path.isdir(path):
+        if name == "checkpoints" and os.path.isdir(path) and not os.path.islink(path):
+            for d in os.listdir(path):
+                if re.fullmatch(r"(\.tmp-)?checkpoint-\d+", d):
+                    shutil.rmtree(os.path.join(path, d))
+            if not os.listdir(path):
+                os.rmdir(path)
+        elif os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+        elif os.path.lexists(path):
+            os.remove(path)  # a file, or a link (never followed: its target is not the run's)
 
 
-def list_checkpoints(ckpt_root):
-    """Complete checkpoints, oldest first (temporary folders are ignored)."""
+def checkpoint_folders(ckpt_root):
+    """Every checkpoint-N folder under ckpt_root, complete or not, oldest first."""
     if not os.path.isdir(ckpt_root):
         return []
     found = [(int(m.group(1)), os.path.join(ckpt_root, d)) for d in os.listdir(ckpt_root)
-             if (m := re.fullmatch(r"checkpoint-(\d+)", d)) and os.path.isfile(os.path.join(ckpt_root, d, "state.json"))]
+             if (m := re.fullmatch(r"checkpoint-(\d+)", d)) and os.path.isdir(os.path.join(ckpt_root, d))]
     return [p for _, p in sorted(found)]
 
 
+def list_checkpoints(ckpt_root):
+    """Complete checkpoints (with their state.json, written last), oldest first (temporary folders are ignored)."""
+    return [p for p in checkpoint_folders(ckpt_root) if os.path.isfile(os.path.join(p, "state.json"))]
+
+
+REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "ema.safetensors")  # in every checkpoint
+
+
 def problem(path):
-    """Why the checkpoint folder `path` cannot be resumed (one line), or None: state.json must parse and every
-    safetensors file's header must read (a truncated or corrupt file names itself)."""
+    """Why the checkpoint folder `path` cannot be resumed (one line), or None: state.json must parse; every file it
+    lists (older checkpoints: the three every run writes) must be there; every safetensors header must read (a
+    truncated or corrupt file names itself) and the weights (trainable, EMAs; not the optimizer's moments) must be
+    finite: weights gone NaN are skipped like a corrupt file. The weights are read once here, before the load."""
     from safetensors import safe_open
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        return "no state.json (a checkpoint is complete only once it is written)"
     try:
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
@@ -135,28 +188,42 @@ def problem(path):
             return "state.json lacks step/epoch"
     except (OSError, ValueError) as e:
         return f"state.json unreadable ({' '.join(str(e).split())})"
+    for name in state.get("files") or REQUIRED:
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
             try:
-                with safe_open(os.path.join(path, name), "pt") as f:
-                    f.keys()
-            except Exception as e:  # safetensors raises its own error types for bad headers
+                with safe_open(os.path.join(path, name), "pt") as f:  # the header checks the file's length
+                    for key in f.keys() if name != "optimizer.safetensors" else ():  # the weights: read, each finite
+                        if not _finite(f.get_tensor(key)):
+                            return f"{name} holds non-finite values (NaN or inf) in {key}"
+            except Exception as e:  # safetensors raises its own error types for bad headers and short files
                 return f"{name} is corrupt ({' '.join(str(e).split())[:120]})"
-    if not os.path.isfile(os.path.join(path, "trainable.safetensors")):
-        return "trainable.safetensors is missing"
     return None
+
+
+def _finite(t) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
 
 
 def resolve(resume_from, ckpt_root, log=print):
     """'latest' -> the newest checkpoint under ckpt_root that can be resumed (newer broken ones are skipped, each
     named in one line), or None when there is none yet (the run starts fresh: a scheduler re-runs the same
-    command); a path -> checked, CheckpointError naming what is wrong."""
+    command); CheckpointError when there are checkpoints and none can be resumed. A path -> checked,
+    CheckpointError naming what is wrong."""
     if resume_from == "latest":
-        for path in reversed(list_checkpoints(ckpt_root)):
+        folders = checkpoint_folders(ckpt_root)
+        for path in reversed(folders):
             why = problem(path)
             if why is None:
                 return path
             log(f"skipping checkpoint {path}: {why}")
+        if folders:
+            some = f"none of the {len(folders)} checkpoints" if len(folders) > 1 else "the one checkpoint"
+            raise CheckpointError(f"--resume-from latest: {some} in {ckpt_root} can be resumed (each named above); "
+                                  "to start the run afresh, pass --overwrite instead of --resume-from, or choose "
+                                  "another --output-dir")
         return None
     if not os.path.isfile(os.path.join(resume_from, "state.json")):
         raise CheckpointError(f"--resume-from {resume_from}: not a checkpoint folder (no state.json)")
@@ -264,18 +331,20 @@ def export(adapter, finetune: str, output_dir: str) -> None:
     if sharding.rank() != 0:
         return
     tmp = os.path.join(output_dir, ".tmp-export")
-    with writing("the export", os.path.join(output_dir, "lora" if finetune == "lora" else "transformer")):
+    try:
+        with writing("the export", os.path.join(output_dir, "lora" if finetune == "lora" else "transformer")):
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            if finetune == "lora":
+                (save_lora(adapter, os.path.join(tmp, "lora"), sd) if sd is not None
+                 else adapter.save_lora(os.path.join(tmp, "lora")))
+            else:
+                save_full(adapter, tmp, sd) if sd is not None else adapter.save_full(tmp)
+            for name in os.listdir(tmp):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+                os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    finally:  # a full disk leaves nothing half-written (the checkpoints still hold the run)
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        if finetune == "lora":
-            (save_lora(adapter, os.path.join(tmp, "lora"), sd) if sd is not None
-             else adapter.save_lora(os.path.join(tmp, "lora")))
-        else:
-            save_full(adapter, tmp, sd) if sd is not None else adapter.save_full(tmp)
-        for name in os.listdir(tmp):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-        shutil.rmtree(tmp)
 
 
 def export_done(adapter, finetune: str, output_dir: str) -> bool:

@@ -3,6 +3,7 @@ ranges, sizes, the SDE window, the Wan2.2 experts' reach, rewards, the data (row
 group sampler's split, the resume point and the output folder. Each problem is one line (common.errors)."""
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -26,8 +27,20 @@ RANGES = {
 }
 
 
+def check_finite(args):
+    """Every float flag (and each float of a tuple flag) a finite number: NaN passes every range comparison and inf
+    most, and either would train a model of NaN."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            shown = " ".join(map(str, values))
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {shown}")
+
+
 def check_ranges(args, ranges=RANGES):
-    """Every numeric flag of `ranges` in its range, in one line naming the flag, before any model loads."""
+    """Every float flag finite, and every numeric flag of `ranges` in its range, in one line naming the flag, before
+    any model loads."""
+    check_finite(args)
     for name, rule in ranges.items():
         value = getattr(args, name)
         if value is None or isinstance(value, bool):
@@ -150,7 +163,9 @@ def _jsonable(v):
 def check_output_dir(output_dir, resume, overwrite, script):
     """Before anything is written: runs never share a folder by accident. A fresh run refuses a folder that holds
     another run's checkpoints unless `overwrite` (then its outputs are removed by checkpoint.clear_run, after every
-    check); a resume refuses a checkpoint written by another algorithm script (its own state would be ignored)."""
+    check), and a folder that is not a run's but holds names a run writes (config.json, transformer/, samples/ ...:
+    a model folder), with or without `overwrite`; a resume refuses a checkpoint written by another algorithm script
+    (its own state would be ignored)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise CheckpointError(f"--output-dir {output_dir} is a file, not a folder")
     _check_writable(output_dir)
@@ -159,11 +174,19 @@ def check_output_dir(output_dir, resume, overwrite, script):
             other = json.load(f).get("script", script)
         if other != script:
             raise CheckpointError(f"--resume-from {resume}: a checkpoint of {other}, not of {script}")
+    if resume:
+        return
     found = checkpoint.list_checkpoints(os.path.join(output_dir, "checkpoints"))
-    if found and not resume and not overwrite:
+    if found and not overwrite:
         raise CheckpointError(f"--output-dir {output_dir} holds another run's checkpoints (newest "
                               f"{os.path.basename(found[-1])}): resume it with --resume-from latest, pass --overwrite "
                               "to replace it, or choose another --output-dir")
+    present = checkpoint.run_outputs(output_dir) if os.path.isdir(output_dir) else []
+    if present and not checkpoint.is_run_folder(output_dir):  # a model folder, say: nothing of it is removed
+        raise CheckpointError(f"--output-dir {output_dir} is not a run's folder (no config.json of a run, no "
+                              f"checkpoint) but holds {', '.join(present)}, which a run would "
+                              f"{'remove' if overwrite else 'replace'}: nothing was touched; choose another "
+                              "--output-dir")
 
 
 def _check_writable(output_dir):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,6 +72,17 @@ def _no_duplicate_keys(pairs: list) -> dict:
     return dict(pairs)
 
 
+def _lone_surrogate(v):
+    """The first lone UTF-16 surrogate in the strings of a parsed JSON value (keys included), or None: json.loads
+    turns an unpaired escape such as \\ud800 into one, which is not text (no encoder or tokenizer takes it)."""
+    if isinstance(v, str):
+        m = re.search(r"[\ud800-\udfff]", v)
+        return m and m.group()
+    if isinstance(v, dict):
+        v = [*v, *v.values()]
+    return next(filter(None, map(_lone_surrogate, v)), None) if isinstance(v, list) else None
+
+
 def _parse_jsonl_line(line: str, where: str) -> tuple[dict, list[str], list[str]]:
     try:
         row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
@@ -83,6 +95,13 @@ def _parse_jsonl_line(line: str, where: str) -> tuple[dict, list[str], list[str]
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if not _is_str(row.get("prompt")):
         raise DataError(f"{where}: 'prompt' must be a non-empty string")
+    if not row["prompt"].strip():
+        raise DataError(f"{where}: 'prompt' holds only whitespace")
+    for k, v in row.items():  # every string reaches a tokenizer, a reward or a file name
+        bad = _lone_surrogate(k) or _lone_surrogate(v)
+        if bad:
+            raise DataError(f"{where}: {k!r} holds a lone surrogate \\u{ord(bad):04x} (a \\u escape without its pair), "
+                            "which is not text; write the character itself or its full surrogate pair")
     if row.get("negative_prompt") is not None and not isinstance(row["negative_prompt"], str):
         raise DataError(f"{where}: 'negative_prompt' must be a string")
     return row, _media(row, "image", "images", where), _media(row, "video", "videos", where)
@@ -96,22 +115,34 @@ def inside(path: str, folder: str) -> bool:
 
 def load_split(dataset: str, split: str = "train", image_dir: str | None = None, video_dir: str | None = None,
                check_files: bool = True, allow_outside: bool = False) -> list[Item]:
-    """The rows of `split`. Relative `image`/`video` paths are read from image_dir / video_dir (default
-    <dataset>/images, <dataset>/videos); every path, absolute or relative, must resolve (symlinks followed) inside
-    that folder, else the row is refused before the file is opened (a row could otherwise send any readable file
-    to a reward server), unless `allow_outside` (--allow-outside-data-paths)."""
+    """The rows of `split`, read as UTF-8 lines that only "\\n" ends (a CRLF line's "\\r" dropped; U+2028, \\x0c
+    and the other breaks of str.splitlines stay inside the line), numbered from 1 for file:line. train.txt: a line of
+    only whitespace (str.isspace) is blank and skipped, any other is one prompt, leading and trailing whitespace
+    removed. train.jsonl: a line of only JSON whitespace is skipped, any other must be one JSON object whose prompt
+    holds more than whitespace and whose strings hold no lone surrogate.
+    Relative `image`/`video` paths are read from image_dir / video_dir (default <dataset>/images, <dataset>/videos);
+    every path, absolute or relative, must resolve (symlinks followed) inside that folder, and a default folder must
+    itself resolve inside the dataset folder (a dataset reached through a symlink is fine; an images/ linking to /
+    is not), else the row is refused before the file is opened (a row could otherwise send any readable file to a
+    reward server), unless `allow_outside` (--allow-outside-data-paths)."""
     path = _split_file(dataset, split)
     if path is None:
         raise DataError(f"no {split}.txt or {split}.jsonl in {dataset}")
     dirs = {"image": os.path.abspath(image_dir or os.path.join(dataset, "images")),
             "video": os.path.abspath(video_dir or os.path.join(dataset, "videos"))}
+    chosen = {"image": bool(image_dir), "video": bool(video_dir)}  # a folder given by flag is the user's own choice
+    root = os.path.realpath(dataset)
 
     def resolve(raw: str, kind: str, where: str) -> str:
         if "\0" in raw:
             raise DataError(f"{where}: {kind} path {raw!r} contains a NUL character")
+        flag = "--image-dir" if kind == "image" else "--video-dir"
+        if not allow_outside and not chosen[kind] and not inside(dirs[kind], root):
+            raise DataError(f"{where}: the {kind} folder {dirs[kind]} resolves to {os.path.realpath(dirs[kind])}, "
+                            f"outside the dataset folder {root}; move the files into the dataset, name their folder "
+                            f"with {flag}, or pass --allow-outside-data-paths")
         p = raw if os.path.isabs(raw) else os.path.normpath(os.path.join(dirs[kind], raw))
         if not allow_outside and not inside(p, dirs[kind]):
-            flag = "--image-dir" if kind == "image" else "--video-dir"
             real = os.path.realpath(p)
             raise DataError(f"{where}: {kind} path {raw!r}" + (f" (resolves to {real})" if real != raw else "")
                             + f" is outside the {kind} folder {dirs[kind]} ({flag}); move the file there, or pass "
@@ -121,18 +152,20 @@ def load_split(dataset: str, split: str = "train", image_dir: str | None = None,
         return p
 
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
-            lines = f.read().splitlines()
+        # -sig: a byte-order mark is not part of the first prompt; newline="": no \r translation, split below
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
     items = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): it also breaks at U+2028, \x0c, ...
+        line, where = line.removesuffix("\r"), f"{path}:{n}"
         if path.endswith(".txt"):
-            items.append(Item(prompt=line.strip(), source=f"{path}:{n}"))
+            if line.strip():
+                items.append(Item(prompt=line.strip(), source=where))
             continue
-        where = f"{path}:{n}"
+        if not line.strip(" \t\r"):  # JSON's own whitespace; anything else must parse
+            continue
         row, images, videos = _parse_jsonl_line(line, where)
         known = ("prompt", "negative_prompt", "image", "images", "video", "videos")
         items.append(Item(prompt=row["prompt"], negative_prompt=row.get("negative_prompt"),

@@ -54,7 +54,7 @@ def evaluate(accelerator, adapter, conditioning, reward_set, items, args, epoch)
         tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), tag, images,
                               [items[i].prompt for i in grid_ids], epoch)
         path = os.path.join(args.output_dir, "samples", f"{tag}_prompts.json")
-        with writing("the per-prompt evaluation", path), open(path, "w") as f:
+        with writing("the per-prompt evaluation", path), tracking.atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(per_prompt, f, indent=1)
     return out, images
 

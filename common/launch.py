@@ -45,10 +45,12 @@ def end_processes(accelerator, code=0):
 
 
 # ---- a stop asked by a signal ---------------------------------------------------------------------------------------
-# SIGTERM (what schedulers send before preempting a job) and SIGINT (Ctrl-C) do not kill the run: they ask it to stop
-# at its next safe point (common/run.py: after the epoch's rollout, or after its training and evaluation), where it
-# writes a checkpoint and exits 128 + the signal's number. A second Ctrl-C stops at once (one line, no checkpoint).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGTERM (what schedulers send before preempting a job), SIGINT (Ctrl-C), SIGHUP (the terminal or ssh session closed)
+# and SIGUSR1 (Slurm's warning before a time limit, `sbatch --signal=USR1@120`) do not kill the run: they ask it to
+# stop at its next safe point (common/run.py: after the model loads, the prompts are encoded or the base model is
+# evaluated, after the epoch's rollout, or after its training and evaluation), where it writes a checkpoint and exits
+# 128 + the signal's number. A second Ctrl-C stops at once (one line, no checkpoint).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _asked = []  # the signals received, in order
 
 
@@ -76,7 +78,7 @@ def request_stop(signum=signal.SIGTERM):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Within: SIGTERM and SIGINT ask for a stop instead of killing the process (main thread only)."""
+    """Within: the STOP_SIGNALS ask for a stop instead of killing the process (main thread only)."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield
         return
@@ -94,9 +96,11 @@ def _launched() -> bool:
 
 
 def _peer_lost(e) -> bool:
-    """A collective failed because another process stopped (gloo: the peer closed its connection)."""
+    """A collective failed because another process stopped (gloo: the peer closed or reset its connection; FSDP's
+    all-gather in a forward hook meets the reset, a DDP collective the close)."""
     import torch.distributed as dist
-    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and "closed by peer" in str(e)
+    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(
+        why in str(e) for why in ("closed by peer", "reset by peer"))
 
 
 def clear_bars():

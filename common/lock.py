@@ -25,8 +25,11 @@ class OutputLock:
     def check(self):
         """Refuse in one line if another process holds the folder; takes nothing and writes nothing (before the model
         loads: `acquire` at the run's first write takes it)."""
-        if os.path.realpath(self.path) in _HELD or not os.path.exists(self.path):
+        if os.path.realpath(self.path) in _HELD or not os.path.lexists(self.path):
             return
+        if not os.path.isfile(self.path):  # a folder (or a dangling link) of that name: no lock can be taken
+            raise ConfigError(f"{self.path} is not a lock file (a folder or a broken link?): remove it, or choose "
+                              "another --output-dir")
         with open(self.path) as f:
             self._try(f)
             fcntl.flock(f, fcntl.LOCK_UN)
@@ -39,10 +42,11 @@ class OutputLock:
         with writing("the run's lock", self.path):
             f = open(self.path, "a+")
         self._try(f)
-        f.truncate(0)
-        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        f.flush()
+        with writing("the run's lock", self.path):  # a disk already full fails here
+            f.truncate(0)
+            f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            f.flush()
         _HELD[key] = f
         return self
 

@@ -38,7 +38,7 @@ from common.advantages import epoch_advantages
 from common.args import height_width
 from common.conditioning import Conditioning
 from common.ema import EMA
-from common.errors import writing
+from common.errors import TrainingError, writing
 from common.kernels import choose_attention, compile_transformer
 from common.launch import end_processes, set_cpu_threads
 from common.lock import OutputLock
@@ -121,6 +121,7 @@ class Run:
         self.reward_pool = concurrent.futures.ThreadPoolExecutor(1) if args.async_rewards else None  # one at a time
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         self.timer, self.base_eval, self._micro, self._accumulation = tracking.Timer(self.device), None, 0, 1
+        self._nonfinite = torch.zeros(2, dtype=torch.bool, device=self.device)  # the epoch's loss, gradient norm
         self.resume_changes, self._saved = checked.changes, (self.global_step, self.resume)  # the last checkpoint
         self.merge_lora = args.finetune == "lora" and (args.lora_merged_sampling if args.lora_merged_sampling is not None
                                                       else self.device.type == "cuda" and not args.fsdp
@@ -167,6 +168,7 @@ class Run:
         (--overwrite clears the old run's outputs here), config.json, trackers and metrics.jsonl (a resumed run's cut
         back to its checkpoint); every prompt encoded once (--encode-once); the base model's evaluation."""
         args, acc = self.args, self.accelerator
+        self.stop_if_asked(self.start_epoch - 1)  # a signal while the model loaded: stop before anything is written
         if acc.is_main_process:
             with writing("the output folder", args.output_dir):
                 os.makedirs(args.output_dir, exist_ok=True)
@@ -185,24 +187,36 @@ class Run:
                 cache = self.conditioning.encode_once(args, self.groups, self.train_items, self.test_items, self.rank,
                                                       self.world, range(self.start_epoch, args.num_epochs))
             acc.print(cache.summary(self.timer.seconds["encode"]))
+            self.stop_if_asked(self.start_epoch - 1)
         if args.eval_before and self.start_epoch == 0 and args.eval_every > 0:
             with self.timer("eval"):
                 self.base_eval, self.base_images = self.evaluate(-1)
             if acc.is_main_process:
                 tracking.append_jsonl(self.metrics_path, {"epoch": -1, **self.base_eval, **self.timer.pop(),
                                                           **tracking.peak_memory_gb(self.device)})
+            self.stop_if_asked(self.start_epoch - 1)
 
     def _write_config(self):
         """config.json: this command's flags, and (resumed) each resume's epoch and the flags it changed."""
         path = os.path.join(self.args.output_dir, "config.json")
         resumed = []
-        if self.resume and os.path.exists(path):
-            with open(path) as f:
-                resumed = json.load(f).get("resumed", [])
+        if self.resume:
+            if checkpoint.is_run_config(path):
+                with open(path) as f:
+                    resumed = json.load(f).get("resumed", [])
+            elif os.path.exists(path):  # torn by a crash of an older version: the resume history is lost, not the run
+                print(f"warning: {path} is not a run's config (empty or torn); written anew, without the history "
+                      "of earlier resumes", file=sys.stderr, flush=True)
             resumed.append({"epoch": self.start_epoch, "checkpoint": self.resume,
                             "changed": {k: list(v) for k, v in self.resume_changes.items()}})
-        with writing("the run's config", path), open(path, "w") as f:
-            json.dump({**dataclasses.asdict(self.args), **({"resumed": resumed} if resumed else {})}, f, indent=1)
+        config = {**dataclasses.asdict(self.args), **({"resumed": resumed} if resumed else {})}
+        try:
+            with writing("the run's config", path), open(path + ".tmp", "w") as f:  # whole, then renamed: never torn
+                json.dump(config, f, indent=1)
+            os.replace(path + ".tmp", path)
+        finally:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
 
     def epochs(self):
         """The epochs left to train, under the whole run's progress bar (with its estimate)."""
@@ -345,6 +359,8 @@ class Run:
         if sync:
             clip = sharding.clip_grad_norm_ if self.args.fsdp else self.accelerator.clip_grad_norm_
             self.grad_norm = clip(self.params.values(), self.args.max_grad_norm)
+            if torch.is_tensor(self.grad_norm):  # on the device: read once, at the epoch's end
+                self._nonfinite[1] |= ~torch.isfinite(self.grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
@@ -352,6 +368,7 @@ class Run:
 
     def backward(self, loss):
         """The micro-step's share of the optimizer step's mean loss, backpropagated (inside `accumulate`)."""
+        self._nonfinite[0] |= ~torch.isfinite(loss.detach()).all()
         self.accelerator.backward(loss / self._accumulation)
 
     # ---- after each epoch, and at the end ----------------------------------------------------------------------------
@@ -359,6 +376,7 @@ class Run:
         """The evaluation EMA steps; the epoch's record (rewards, advantages, training statistics, the evaluation when
         due, timings, peak memory) goes to metrics.jsonl and the trackers; a checkpoint when due."""
         args, acc = self.args, self.accelerator
+        self._stop_if_nonfinite(epoch)
         self.ema.step(epoch)
         record = {"epoch": epoch, "step": self.global_step, "samples": len(adv), "sde_window": sde_window,
                   "lr": self.optimizer.param_groups[0]["lr"],
@@ -377,6 +395,23 @@ class Run:
             self._save(epoch)
         self.stop_if_asked(epoch)
 
+    def _stop_if_nonfinite(self, epoch):
+        """Training that went NaN or infinite (the loss, the gradient norm, or the weights after the optimizer's
+        steps) stops the run here, before the EMA, the evaluation or a checkpoint take it in: every process agrees
+        (one small collective per epoch), nothing more is written, nothing is exported, the last checkpoint stays the
+        last good one (TrainingError: one line naming the epoch and what went non-finite)."""
+        weights = torch.stack([~torch.isfinite(sharding.local(p)).all() for p in self.params.values()]).any()
+        flags = sharding.any_rank(torch.cat([self._nonfinite, weights.view(1)])).tolist()
+        self._nonfinite.zero_()
+        bad = [what for what, flag in zip(("the loss", "the gradient norm", "the weights"), flags) if flag]
+        if not bad:
+            return
+        bad = ", ".join(bad[:-1]) + " and " + bad[-1] if len(bad) > 1 else bad[0]
+        kept = f"the last checkpoint, {self._saved[1]}, is intact" if self._saved[1] else "no checkpoint was written"
+        raise TrainingError(f"epoch {epoch}: {bad} became non-finite (NaN or inf); the run stopped "
+                            f"without saving or exporting ({kept}); lower --learning-rate or --max-grad-norm, or "
+                            "check the reward and the model's dtype")
+
     def _save(self, epoch):
         """A checkpoint of the state after `epoch` (COLLECTIVE: sharded, every rank gathers; rank 0 writes)."""
         args, acc = self.args, self.accelerator
@@ -391,11 +426,12 @@ class Run:
         self._saved = (self.global_step, path)
 
     def stop_if_asked(self, done_epoch):
-        """A stop asked by SIGTERM or SIGINT (common/launch.py) on any process ends the run here, at a phase's end:
-        every process agrees (one small collective per phase, never per step), the state after `done_epoch` is
-        checkpointed unless the last checkpoint holds it, one line says how to go on, and every process exits
-        128 + the signal's number. Bound: the rest of the phase the signal came in (the epoch's rollout, or its
-        training and evaluation) and one checkpoint."""
+        """A stop asked by a signal (SIGTERM, Ctrl-C, ...: common/launch.py) on any process ends the run here, at a
+        phase's end: every process agrees (one small collective per phase, never per step), the state after
+        `done_epoch` is checkpointed unless the last checkpoint holds it, one line says how to go on, and every
+        process exits 128 + the signal's number. Bound: the rest of the phase the signal came in (loading the model,
+        encoding the prompts, the base evaluation, the epoch's rollout, or its training and evaluation) and one
+        checkpoint."""
         asked = launch.stop_signal() or 0
         if self.world > 1:
             asked = int(self.accelerator.gather(torch.tensor([asked], device=self.device)).max())

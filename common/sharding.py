@@ -118,6 +118,11 @@ def any_rank(flags: torch.Tensor) -> torch.Tensor:
     return out.bool()
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly sharded) tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def is_sharded(module) -> bool:
     return isinstance(module, FSDPModule)
 

@@ -68,10 +68,21 @@ def keep_epochs_before(path, epoch: int):
     if not os.path.exists(path):
         return
     records = [r for r in read_jsonl(path) if r.get("epoch", -1) < epoch]
-    with writing("the metrics", path):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(path + ".tmp", path)
+    with writing("the metrics", path), atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+@contextmanager
+def atomic_path(path):
+    """A temporary path next to `path` (.tmp-<name>) to write to: renamed to `path` when the block ends, removed when
+    it fails, so a full disk leaves no truncated file (and an older complete `path` stays)."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 class TrainStats:
@@ -130,8 +141,20 @@ def log_epoch(accelerator, metrics_path, record: dict):
 
 
 def append_jsonl(path, record: dict):
-    with writing("the metrics", path), open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one line; a write cut short (a full disk) is truncated back, so the file never ends in a torn line."""
+    line = memoryview((json.dumps(record) + "\n").encode())
+    with writing("the metrics", path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                while line:  # a short write (the disk filled up) is retried, so that the OS's error surfaces
+                    line = line[os.write(fd, line):]
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def image_grid(images, nrow: int = 8) -> np.ndarray:
@@ -176,7 +199,8 @@ def _as_videos(images):
 def save_samples(accelerator, out_dir, tag, images, captions, step, *, fps: float = 16):
     """Write samples/<tag>.png and a captions file; send the grid to the trackers.
     Videos ((B,F,3,H,W) or a list of (F,3,H,W)): <tag>.png is a column of frame strips (one row per sample)
-    and <tag>.mp4 plays the grid of all samples' frame t (a shorter sample holds its last frame)."""
+    and <tag>.mp4 plays the grid of all samples' frame t (a shorter sample holds its last frame).
+    Each file is written atomically: a full disk is one OutputError naming it, and leaves no truncated file."""
     with writing("the samples", os.path.join(out_dir, tag)):
         _save_samples(accelerator, out_dir, tag, images, captions, step, fps)
 
@@ -194,9 +218,13 @@ def _save_samples(accelerator, out_dir, tag, images, captions, step, fps):
         nrow = math.ceil(math.sqrt(len(videos)))  # a squarish grid plays in any player
         frames = (image_grid([v[min(t, len(v) - 1)] for v in videos], nrow=nrow)
                   for t in range(max(len(v) for v in videos)))
-        mp4 = write_frames(os.path.join(out_dir, f"{tag}.mp4"), frames, fps)
-    Image.fromarray(grid).save(os.path.join(out_dir, f"{tag}.png"))
-    with open(os.path.join(out_dir, f"{tag}.txt"), "w") as f:
+        mp4 = os.path.join(out_dir, f"{tag}.mp4")
+        with writing("the sample video", mp4):
+            write_frames(mp4, frames, fps)
+    png, txt = os.path.join(out_dir, f"{tag}.png"), os.path.join(out_dir, f"{tag}.txt")
+    with writing("the samples", png), atomic_path(png) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    with writing("the samples' captions", txt), atomic_path(txt) as tmp, open(tmp, "w") as f:
         f.write("\n".join(captions) + "\n")
     key = f"samples/{tag.split('_')[0]}"
     for tracker in accelerator.trackers:

@@ -163,6 +163,57 @@ def test_non_utf8_file(tmp_path):
     raises(tmp_path, "not UTF-8")
 
 
+# characters str.splitlines() breaks at, which "\n"-ended lines (JSON Lines, text files) keep inside a line
+BREAKS = ["\u2028", "\u2029", "\x85", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e", "\r"]
+
+
+def test_only_newline_ends_a_line(tmp_path):
+    rows = "".join(json.dumps({"prompt": f"a{c}b"}, ensure_ascii=False) + "\n" for c in BREAKS) + '{"prompt": "c"}\r\n'
+    assert "\u2028" in rows and "\\u2028" not in rows  # written raw (valid JSON), not escaped
+    f = write(tmp_path / "train.jsonl", rows + '{"prompt": "d",\n')
+    assert raises(tmp_path, "invalid JSON").startswith(f"{f}:{len(BREAKS) + 2}: ")  # lines count "\n" only
+    f.write_bytes(rows.encode())
+    expected = [f"a{c}b" for c in BREAKS] + ["c"]  # one row each; the CRLF line's \r dropped
+    assert [(it.prompt, it.source) for it in load_split(str(tmp_path))] == \
+        [(p, f"{f}:{n}") for n, p in enumerate(expected, 1)]
+    f.unlink()
+    t = tmp_path / "train.txt"
+    t.write_bytes("".join(f"{p}\r\n" if p == "c" else f"{p}\n" for p in expected).encode())
+    assert [(it.prompt, it.source) for it in load_split(str(tmp_path))] == \
+        [(p, f"{t}:{n}") for n, p in enumerate(expected, 1)]
+
+
+def test_a_jsonl_line_of_non_json_whitespace_is_refused(tmp_path):
+    f = write(tmp_path / "train.jsonl", '{"prompt": "a"}\n \t\r\n\x0c\n')  # JSON whitespace is space, tab, CR, LF
+    assert raises(tmp_path, "invalid JSON").startswith(f"{f}:3: ")
+
+
+@pytest.mark.parametrize("row,key", [('{"prompt": "a \\ud800 b"}', "prompt"),
+                                     ('{"prompt": "a", "negative_prompt": "\\udfff"}', "negative_prompt"),
+                                     ('{"prompt": "a", "tag": {"x": ["ok", "\\ude00"]}}', "tag"),
+                                     ('{"prompt": "a", "\\ud83d": 1}', "\ud83d"),
+                                     ('{"prompt": "\\ude00\\ud83d"}', "prompt")])  # a pair in the wrong order
+def test_lone_surrogates_are_refused_with_file_line_and_key(tmp_path, row, key):
+    # json.loads accepts an unpaired \ud800 escape; the tokenizer then fails, after the model has loaded
+    f = write(tmp_path / "train.jsonl", jsonl({"prompt": "ok"}, row))
+    msg = raises(tmp_path, "holds a lone surrogate")
+    assert msg.startswith(f"{f}:2: {key!r} holds a lone surrogate \\u"), msg
+    write(f, jsonl('{"prompt": "\\ud83d\\ude00 a", "tag": "\\ud83d\\ude00"}'))  # a full pair: one character
+    (item,) = load_split(str(tmp_path))
+    assert item.prompt == "\U0001F600 a" and item.metadata == {"tag": "\U0001F600"}
+
+
+def test_whitespace_only_prompts(tmp_path):
+    # jsonl: refused, the row is there but says nothing
+    for prompt in ("   ", "\t\u2028\x0c"):
+        f = write(tmp_path / "train.jsonl", jsonl({"prompt": "ok"}, "", {"prompt": prompt}))
+        assert raises(tmp_path, "'prompt' holds only whitespace") == f"{f}:3: 'prompt' holds only whitespace"
+    f.unlink()
+    # txt: a line of only whitespace is a blank line, skipped like an empty one; other lines are stripped
+    t = write(tmp_path / "train.txt", " a cat \n   \n\t\x0c\u2028\n\x1d\na dog\n")
+    assert [(it.prompt, it.source) for it in load_split(str(tmp_path))] == [("a cat", f"{t}:1"), ("a dog", f"{t}:5")]
+
+
 # ---- images ----
 
 

@@ -129,11 +129,10 @@ def test_allow_outside_flag_through_the_checks(tmp_path):
 
 
 def test_paths_inside_are_accepted_even_through_symlinks(tmp_path):
-    real = tmp_path / "store"
-    _png(real / "a.png")
     root = tmp_path / "ds"
-    os.makedirs(root)
-    os.symlink(real, root / "images")  # the image folder itself a symlink: inside is inside its target
+    real = root / "store"
+    _png(real / "a.png")
+    os.symlink(real, root / "images")  # the image folder a symlink within the dataset: inside is inside its target
     (root / "images" / "sub").mkdir()
     _png(real / "sub" / "b.png")
     os.symlink(real / "a.png", real / "sub" / "same.png")  # a link that stays inside
@@ -141,6 +140,44 @@ def test_paths_inside_are_accepted_even_through_symlinks(tmp_path):
                             {"prompt": "r", "image": str(root / "images" / "sub" / "same.png")}])
     assert [len(it.images) for it in load_split(ds)] == [1, 1, 1]
     _checks(tmp_path, "flux1-kontext", ds)
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_a_media_folder_linking_out_of_the_dataset_is_refused_unread(tmp_path, opened, kind):
+    # before: images/ -> / made every file of the machine "inside the image folder"
+    secret = _png(tmp_path / "private" / "secret.png") if kind == "image" else \
+        write_video(str(tmp_path / "private" / "secret.mp4"), moving_squares(F=2))
+    root = tmp_path / "ds"
+    os.makedirs(root)
+    folder = root / f"{kind}s"
+    os.symlink("/", folder)
+    ds, f = _dataset(root, [{"prompt": "a cat"}, {"prompt": "a cat", kind: secret.lstrip("/")}])
+    opened.clear()
+    msg = _refused(tmp_path, "flux1" if kind == "image" else "wan2_t2v", ds,
+                   f"^{f}:2: the {kind} folder {folder} resolves to /, outside the dataset folder {root}; .*"
+                   f"--{kind}-dir, or pass --allow-outside-data-paths$")
+    assert secret not in msg and os.path.realpath(secret) not in opened
+    with pytest.raises(DataError, match=f"the {kind} folder {folder} resolves to /"):
+        load_split(ds, check_files=False)
+    assert getattr(load_split(ds, allow_outside=True)[1], f"{kind}s") == [str(folder / secret.lstrip("/"))]
+    # a folder named by --image-dir / --video-dir is the user's own choice, outside the dataset or not
+    assert getattr(load_split(ds, **{f"{kind}_dir": "/"})[1], f"{kind}s") == [secret]
+
+
+def test_a_dataset_reached_through_a_symlink_loads(tmp_path):
+    real = tmp_path / "mnt" / "x" / "data"  # /data -> /mnt/x/data: the boundary is the real dataset folder
+    _png(real / "images" / "a.png")
+    os.symlink(real, tmp_path / "data")
+    link = tmp_path / "data"
+    ds, f = _dataset(link, [{"prompt": "p", "image": "a.png"}, {"prompt": "q", "image": str(link / "images" / "a.png")},
+                            {"prompt": "r", "image": str(real / "images" / "a.png")}])
+    assert [it.images for it in load_split(ds)] == [[str(link / "images" / "a.png")]] * 2 + \
+        [[str(real / "images" / "a.png")]]
+    _checks(tmp_path, "flux1-kontext", ds)
+    _dataset(link, [{"prompt": "p", "image": "../../secret.png"}])
+    _png(tmp_path / "secret.png")
+    with pytest.raises(DataError, match=f"^{f}:1: image path .* is outside the image folder"):
+        load_split(ds)
 
 
 def test_text_to_image_rows_images_are_decoded_before_they_reach_the_rewards(tmp_path):

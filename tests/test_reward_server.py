@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from rewards import RewardError, check_specs, load_rewards, parse_spec
-from rewards.remote import decode_score_request, encode_score_request
+from rewards.remote import decode, decode_score_request, encode_score_request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "s3cret-test-token"
@@ -110,8 +110,8 @@ def servers(tmp_path_factory):
     env.pop("FLOW_RL_REWARD_TOKEN", None), env.pop("FLOW_RL_REWARD_TOKEN_FILE", None)
     server = [sys.executable, "-m", "rewards.server", "--reward"]
     commands = {
-        "jpeg": (server + ["jpeg_compressibility"], {"FLOW_RL_REWARD_TOKEN": TOKEN}),
-        "probe": (server + ["tests.test_reward_server.Probe", "--max-request-mb", "1"], {}),
+        "jpeg": (server + ["jpeg_compressibility", "--timeout", "1"], {"FLOW_RL_REWARD_TOKEN": TOKEN}),
+        "probe": (server + ["tests.test_reward_server.Probe", "--max-request-mb", "1", "--timeout", "1"], {}),
         "rank": (server + ["tests.test_reward_server.Rank"], {}),
         "victim": (server + ["jpeg_compressibility"], {}),
         "compute": ([sys.executable, "-c", "import sys, tests.test_reward_server as t; "
@@ -297,6 +297,77 @@ def test_concurrent_requests_do_not_block_each_other(servers):
     for th in threads:
         th.join()
     assert len(out) == 2 and time.monotonic() - t < 1.8
+
+
+def closed(sock) -> bool:
+    """The server closed its end (EOF or reset); a socket timeout if it is still open."""
+    try:
+        return sock.recv(1 << 16) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_and_trickling_connections_time_out_before_the_token(servers):
+    """--timeout 1: a connection that sends nothing, or its headers a byte every 0.2 s (each byte well within the
+    timeout), is closed after about 1 s, without the token it would need; other clients are answered meanwhile."""
+    url = servers["jpeg"][0]
+    address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    t = time.monotonic()
+    with socket.create_connection(address, timeout=3) as idle, socket.create_connection(address, timeout=3) as slow:
+        cut = None
+        for byte in b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n" * 2:
+            try:
+                slow.send(bytes([byte]))
+            except OSError:  # reset: the server closed it
+                cut = time.monotonic() - t
+                break
+            if byte == ord("\n"):  # answered while two connections hang
+                assert httpx.get(url + "/health", timeout=1, headers={"Authorization": f"Bearer {TOKEN}"}).is_success
+            time.sleep(0.2)
+        assert cut is not None and 0.9 < cut < 3, cut  # bounds loose for a loaded machine
+        assert closed(idle) and closed(slow) and time.monotonic() - t < 3.5
+
+
+def test_slow_steady_upload_is_scored_and_a_stalled_one_gets_408(servers):
+    """--timeout 1 bounds the wait for each piece of a body, not the whole: a 240 kB body sent in 3 pieces 0.4 s
+    apart is scored (and so is one taking over 1 s to score); one that stops half-way gets 408 and is closed."""
+    url = servers["probe"][0]
+    x, prompts = u8_images(2, 3, 200, 200), ["a", "b"]
+    body = encode_score_request(x, prompts, [{}, {"sleep": 1.1}])
+
+    def pieces(step=len(body) // 3 + 1):
+        for i in range(0, len(body), step):
+            time.sleep(0.4)
+            yield body[i:i + step]
+
+    t = time.monotonic()
+    r = httpx.post(url + "/score", content=pieces(), headers={"Content-Length": str(len(body))}, timeout=5)
+    assert r.status_code == 200 and time.monotonic() - t > 2, r.text
+    assert torch.equal(decode(r.content)[0]["scores"], Probe()(x, prompts, [{}, {}]).float())
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=3) as s:
+        t = time.monotonic()
+        s.sendall(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        answer = b""
+        while chunk := s.recv(1 << 16):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"--timeout" in answer and 0.9 < time.monotonic() - t < 3
+
+
+def test_counts_must_agree(servers):
+    """4 images with 2 prompts, or 3 metadata rows with 2 samples: 400 with one line naming the counts."""
+    url = servers["probe"][0]
+    for body, counts in ((encode_score_request(u8_images(4, 3, 8, 8), ["a", "b"], [{}, {}]), "4 images, 2 prompts"),
+                         (encode_score_request(u8_images(2, 3, 8, 8), ["a", "b"], [{}, {}, {}]), "3 metadata")):
+        r = httpx.post(url + "/score", content=body)
+        assert r.status_code == 400 and counts in r.json()["error"] and "\n" not in r.text, r.text
+
+
+def test_an_empty_request_scores_nothing(servers):
+    """0 samples: 200 and no scores, as the client answers an empty call itself; with or without a batch_size."""
+    for url in (servers["probe"][0], servers["rank"][0]):  # batch_size 2, none
+        r = httpx.post(url + "/score", content=encode_score_request(u8_images(0, 3, 8, 8), [], []))
+        assert r.status_code == 200, r.text
+        assert decode(r.content)[0]["scores"].shape == (0,)
 
 
 def test_groupwise_remote(servers, monkeypatch):
