@@ -96,6 +96,7 @@ def fingerprint(out) -> dict:
     with open(os.path.join(last, "state.json")) as f:
         state = json.load(f)
     state.pop("config", None)  # the run's flags (its temporary output folder among them): not a computed number
+    state.pop("files", None)  # the list of the checkpoint's files (since issue 27): their tensors are hashed above
     return {"metrics": metrics, "files": files, "state": state, "checkpoint": ckpts[-1]}
 
 

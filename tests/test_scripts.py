@@ -85,10 +85,11 @@ def test_resume_equals_uninterrupted(tmp_path, script):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     first, last = (load_file(tmp_path / f"a/checkpoints/checkpoint-{n}/trainable.safetensors") for n in (2, 8))
     assert any(not torch.equal(first[k], last[k]) for k in first)  # training moved the weights
-    if POLICY_EMA[script]:  # a checkpoint without the policy EMA (e.g. grpo.py's) cannot resume this script
+    if POLICY_EMA[script]:  # a checkpoint without the policy EMA its state.json lists cannot resume this script
         os.remove(tmp_path / "b/checkpoints/checkpoint-8" / f"{POLICY_EMA[script]}.safetensors")
-        with pytest.raises(USER_ERRORS, match=f"no {POLICY_EMA[script]}.safetensors"):
-            tiny_run(script, tmp_path / "b", "--num-epochs", "5", "--resume-from", "latest")
+        with pytest.raises(USER_ERRORS, match=f"{POLICY_EMA[script]}.safetensors is missing"):
+            tiny_run(script, tmp_path / "b", "--num-epochs", "5", "--resume-from",
+                     str(tmp_path / "b/checkpoints/checkpoint-8"))
 
 
 @pytest.mark.parametrize("script, extra", [
