@@ -38,7 +38,7 @@ from common.advantages import epoch_advantages
 from common.args import height_width
 from common.conditioning import Conditioning
 from common.ema import EMA
-from common.errors import TrainingError, writing
+from common.errors import ConfigError, TrainingError, writing
 from common.kernels import choose_attention, compile_transformer
 from common.launch import end_processes, set_cpu_threads
 from common.lock import OutputLock
@@ -57,13 +57,16 @@ def lr_factor(schedule: str, epoch: int, num_epochs: int) -> float:
 
 
 class Run:
-    def __init__(self, args, script: str, trained_steps=None, trained_sigmas=None, time_sampler=None):
+    def __init__(self, args, script: str, trained_steps=None, trained_sigmas=None, time_sampler=None,
+                 reference=False):
         """Everything before the first write: the checks (then the data), the accelerator, seeds and threads, the
         model with LoRA (or full fine-tuning), attention, compile, checkpointing, the reference copy and FSDP; the
         rewards and their probe; the optimizer, the evaluation EMA and a resumed checkpoint. `script` is recorded
         in checkpoints. Wan2.2-A14B's expert check needs what trains: rollout steps (`trained_steps`) or training
-        sigmas (`trained_sigmas`, a closed interval, drawn by `time_sampler`)."""
-        self.args, self.script = args, script
+        sigmas (`trained_sigmas`, a closed interval, drawn by `time_sampler`). `reference`: the algorithm needs the
+        reference model (run.reference_velocity) whatever --kl-beta is (a full fine-tuning run then keeps a frozen
+        copy; a LoRA run's reference is the model with its adapters off, always there)."""
+        self.args, self.script, self.wants_reference = args, script, reference
         adapter_cls = models.adapter_class(args.model, args.variant)
         ddp = DistributedDataParallelKwargs(
             find_unused_parameters=adapter_cls.find_unused_parameters(args.variant, args.train_experts))
@@ -146,7 +149,7 @@ class Run:
         else:
             transformer.requires_grad_(True)
         self.ref_model = self._ref_adapter = None
-        if args.kl_beta > 0 and args.finetune == "full":
+        if (args.kl_beta > 0 or self.wants_reference) and args.finetune == "full":
             self.ref_model = copy.deepcopy(transformer).requires_grad_(False).to(args.ref_device or self.device)
             self._ref_adapter = adapter.with_transformer(self.ref_model)
         if args.fsdp:  # torch's fully_shard on the blocks and roots, over accelerate's process group (after LoRA)
@@ -318,6 +321,8 @@ class Run:
         rollout's order (its first micro-batch is exactly on-policy), later ones are shuffled by seed."""
         self.adapter.transformer.train()
         self._micro = 0
+        for p in self.params.values():  # an epoch starts from no gradient, whatever came before
+            p.grad = None
         for group in self.optimizer.param_groups:  # --lr-schedule, by epoch (a resume recomputes it)
             group["lr"] = self.args.learning_rate * lr_factor(self.args.lr_schedule, epoch, self.args.num_epochs)
         with self.timer("train"):
@@ -338,7 +343,11 @@ class Run:
     @torch.no_grad()
     def reference_velocity(self, z, sigma, cond, guided=True):
         """The reference policy's velocity (the KL's): LoRA runs predict with their adapters off; full fine-tuning
-        predicts with the frozen copy taken before training (on the accelerator for the call, kept on --ref-device)."""
+        predicts with the frozen copy taken before training (on the accelerator for the call, kept on --ref-device),
+        which a run keeps when --kl-beta > 0 or its script asked for it (Run(..., reference=True))."""
+        if self.ref_model is None and self.args.finetune == "full":
+            raise ConfigError("run.reference_velocity: this full fine-tuning run keeps no reference model; build the "
+                              "Run with reference=True (or train with --kl-beta > 0)")
         if self.ref_model is None:
             with self.adapter.lora_disabled():
                 return self.velocity(z, sigma, cond, guided)
@@ -372,16 +381,22 @@ class Run:
         self.accelerator.backward(loss / self._accumulation)
 
     # ---- after each epoch, and at the end ----------------------------------------------------------------------------
-    def end_epoch(self, epoch, stats, raw, adv, sde_window):
-        """The evaluation EMA steps; the epoch's record (rewards, advantages, training statistics, the evaluation when
-        due, timings, peak memory) goes to metrics.jsonl and the trackers; a checkpoint when due."""
+    def end_epoch(self, epoch, stats, raw, adv, sde_window, scalars=None):
+        """The evaluation EMA steps; the epoch's record (rewards, advantages, training statistics, the algorithm's
+        per-epoch `scalars` as train/<name> (numbers, the main process's), the evaluation when due, timings, peak
+        memory) goes to metrics.jsonl and the trackers; a checkpoint when due."""
         args, acc = self.args, self.accelerator
+        if self._micro % self._accumulation:  # its gradients would be dropped, or carried into the next epoch
+            raise ConfigError(f"epoch {epoch}: {self._micro} training micro-steps do not fill optimizer steps of "
+                              f"{self._accumulation} (run.accumulate): make the micro-steps of an epoch a multiple of "
+                              "the accumulation")
         self._stop_if_nonfinite(epoch)
         self.ema.step(epoch)
         record = {"epoch": epoch, "step": self.global_step, "samples": len(adv), "sde_window": sde_window,
                   "lr": self.optimizer.param_groups[0]["lr"],
                   "grad_norm": float(self.grad_norm) if self.global_step else None,
-                  **tracking.epoch_stats(acc, raw, adv, stats)}
+                  **tracking.epoch_stats(acc, raw, adv, stats),
+                  **{f"train/{k}": float(v) for k, v in (scalars or {}).items()}}
         last = epoch == args.num_epochs - 1
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
             with self.timer("eval"):

@@ -1,14 +1,41 @@
 """Shared by the tests of the scripts: tiny FLUX.1 arguments and runs for any script, and a run up to its first model
 load (every check a run makes before loading)."""
+import ast
+import glob
 import importlib
+import json
+import os
 from unittest import mock
 
 from common import models
 from common.cli import parse_with_presets
-from tests.test_grpo import read_metrics
+from tests.test_grpo import ROOT, read_metrics
 
-SCRIPTS = ("grpo_guard", "nft", "awm")
+
+def algorithm_scripts() -> tuple[str, ...]:
+    """Every top-level script that defines `Args` and `main`: the algorithms. Tests take them from here, so a script
+    added by copying is under the layout, copy and smoke tests the moment it exists."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+        with open(path) as f:
+            names = {n.name for n in ast.parse(f.read()).body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+        if {"Args", "main"} <= names:
+            found.append(os.path.basename(path)[:-3])
+    return tuple(found)
+
+
+ALGORITHMS = algorithm_scripts()
+SCRIPTS = tuple(s for s in ALGORITHMS if s != "grpo")  # grpo.py has tests of its own (tests/test_grpo.py)
 POLICY_EMA = {"grpo_guard": None, "nft": "old_ema", "awm": "anchor_ema"}  # the extra EMA file of a checkpoint
+
+
+def own_state(checkpoint_dir) -> list[str]:
+    """The names of a checkpoint's algorithm-specific state files (what its state.json lists beyond the weights,
+    optimizer and EMA every run writes), e.g. ["old_ema"] for nft.py."""
+    with open(os.path.join(checkpoint_dir, "state.json")) as f:
+        files = json.load(f)["files"]
+    return [f[:-len(".safetensors")] for f in files
+            if f not in ("trainable.safetensors", "optimizer.safetensors", "ema.safetensors")]
 
 
 def tiny_args(script, out, *extra):

@@ -13,11 +13,10 @@ from PIL import Image
 
 from common import models
 from common.errors import DataError
-from tests.helpers import checks_only
+from tests.helpers import ALGORITHMS, checks_only
 from tests.test_grpo import ENV, ROOT, fresh_accelerator_state, read_metrics  # noqa: F401 (autouse fixture)
 
 MODEL_NAMES = [m for m in models.MODELS if m != "shapes"]
-ALGORITHMS = ("grpo", "grpo_guard", "nft", "awm")
 VARIANTS = [(m, None) for m in MODEL_NAMES] + [("sd3_5", "large"), ("z-image", "base"), ("qwen-image-edit-plus", "2509"),
                                                ("flux2-klein", "base-4b")]
 

@@ -23,11 +23,11 @@ from tests.test_grpo import read_metrics
 RUN = ("--eval-every", "0", "--save-every", "1")
 
 
-# ---- --overwrite ------------------------------------------------------------------------------------------------------
+# ---- --overwrite -----------------------------------------------------------------------------------------------------
 def _model_folder(path):
     """A diffusers model folder: what a user may pass as --output-dir by mistake."""
     (path / "transformer").mkdir(parents=True)
-    (path / "transformer" / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
+    (path / "transformer" / "config.json").write_text('{"_class_name": "Flux"}')
     (path / "samples").mkdir()
     (path / "samples" / "mine.png").write_bytes(b"png")
     (path / "config.json").write_text('{"_class_name": "FluxPipeline"}')
@@ -39,7 +39,7 @@ def test_a_folder_that_is_not_a_run_is_refused_and_untouched(tmp_path, overwrite
     out = tmp_path / "model"
     before = _model_folder(out)
     args = tiny_args("grpo", out, *(["--overwrite"] if overwrite else []))
-    with pytest.raises(CheckpointError, match="is not a run's folder .* holds transformer, samples, config.json, which a run would"):
+    with pytest.raises(CheckpointError, match="is not a run's folder .* holds transformer, samples, config.json"):
         checks_only("grpo", args)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 

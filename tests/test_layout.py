@@ -11,9 +11,10 @@ import os
 import pytest
 
 from common.args import RunArgs
+from tests.helpers import ALGORITHMS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("grpo", "grpo_guard", "nft", "awm")
+SCRIPTS = ALGORITHMS  # every top-level script with Args and main
 BLOCKS = (ast.For, ast.While, ast.If, ast.With, ast.Try, ast.AsyncFor, ast.AsyncWith)
 
 

@@ -129,3 +129,44 @@ def test_lr_schedule_by_epoch(tmp_path):
     for epoch, want in ((0, 0.002), (6, 0.0005)):
         next(run.train_batches([{}], epoch))  # each epoch's training sets the epoch's rate
         assert run.optimizer.param_groups[0]["lr"] == pytest.approx(want)
+
+
+def test_the_reference_model_on_request(tmp_path):
+    """A full fine-tuning run keeps a frozen reference when its script asks (Run(reference=True)), whatever --kl-beta;
+    without one, asking for a reference velocity is one line saying how."""
+    from common.errors import ConfigError
+    full = ["--finetune", "full", "--learning-rate", "1e-5"]
+    run = tiny_run(tmp_path / "none", *full)
+    cond = run.adapter.encode_prompt(["a red cube"], None, 32)
+    z = run.adapter.prepare_noise(1, 64, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="keeps no reference model; build the Run with reference=True"):
+        run.reference_velocity(z, 0.6, cond)
+    run = Run(tiny_args("grpo", tmp_path / "ref", *full), "grpo.py", trained_steps=range(0, 4), reference=True)
+    with torch.no_grad():
+        want = run.velocity(z, 0.6, cond)
+        for p in run.params.values():  # train away from the base
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        assert (run.velocity(z, 0.6, cond) - want).abs().max() > 1e-4
+    torch.testing.assert_close(run.reference_velocity(z, 0.6, cond), want, rtol=0, atol=1e-6)
+
+
+def test_an_epoch_ends_on_a_full_accumulation_and_logs_its_scalars(tmp_path):
+    """An epoch whose micro-steps leave an accumulation incomplete is refused at its end (its gradients would carry
+    into the next epoch); a complete one logs the algorithm's per-epoch scalars as train/<name>."""
+    from common.errors import ConfigError
+    from tests.test_grpo import read_metrics
+    run = tiny_run(tmp_path, "--num-epochs", "1", "--eval-every", "0")
+    run.start()
+    params = list(run.params.values())
+    for _ in run.train_batches([{}] * 3, 0):
+        with run.accumulate(2):
+            run.backward(sum((p**2).sum() for p in params))
+    raw, adv = {"jpeg_compressibility": torch.zeros(4)}, torch.zeros(4)
+    with pytest.raises(ConfigError, match="^epoch 0: 3 training micro-steps do not fill optimizer steps of 2"):
+        run.end_epoch(0, TrainStats(), raw, adv, [], scalars={"pairs": 6})
+    for i, _ in enumerate(run.train_batches([{}] * 2, 0)):  # a new epoch's training starts from no gradient
+        assert i > 0 or all(p.grad is None for p in params)
+        with run.accumulate(2):
+            run.backward(sum((p**2).sum() for p in params))
+    run.end_epoch(0, TrainStats(), raw, adv, [], scalars={"pairs": 6})
+    assert read_metrics(tmp_path / "run")[-1]["train/pairs"] == 6.0

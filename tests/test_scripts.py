@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from common import models
 from common.errors import USER_ERRORS
-from tests.helpers import POLICY_EMA, SCRIPTS, tiny_args, tiny_run
+from tests.helpers import POLICY_EMA, SCRIPTS, own_state, tiny_args, tiny_run
 from tests.test_grpo import ENV, ROOT, fresh_accelerator_state, read_metrics  # noqa: F401 (autouse fixture)
 
 ALGO_KEYS = {"grpo_guard": ["train/clipfrac", "train/approx_kl"], "nft": [],
@@ -30,27 +30,32 @@ def smoke(request, tmp_path_factory):
 def test_smoke_subprocess_writes_every_output(smoke):
     script, out = smoke
     rows = read_metrics(out)
-    assert [m["epoch"] for m in rows] == [-1, 0, 1] and rows[1]["samples"] == 16 and rows[2]["step"] == 4
+    assert [m["epoch"] for m in rows] == [-1, 0, 1] and rows[1]["samples"] == 16
+    assert rows[2]["step"] == 2 * rows[1]["step"] > 0
     for key in ["reward/jpeg_compressibility_mean", "reward/jpeg_compressibility_std", "adv/mean", "adv/std",
-                "train/loss", "train/policy_loss", "train/kl", "train/ratio_mean", "train/ratio_min", "train/ratio_max",
-                "train/onpolicy_ratio_dev", "lr", "grad_norm", "time/rollout_s", "time/reward_s", "time/train_s",
-                "memory/peak_rss_gb", "eval/reward_jpeg_compressibility", *ALGO_KEYS[script]]:
+                "train/loss", "lr", "grad_norm", "time/rollout_s", "time/reward_s", "time/train_s",
+                "memory/peak_rss_gb", "eval/reward_jpeg_compressibility", *ALGO_KEYS.get(script, [])]:
         assert key in rows[1], key
     assert all(v == v for row in rows for v in row.values() if isinstance(v, float))  # no NaN
-    # first micro-batch: guard = rollout parameters; nft = old policy still theta; awm = the epoch-start snapshot
-    assert rows[1]["train/onpolicy_ratio_dev"] == 0.0
-    if script == "nft":  # from the 2nd epoch the old policy (EMA) lags behind theta
-        assert rows[2]["train/onpolicy_ratio_dev"] > 0
-    else:
-        assert rows[2]["train/onpolicy_ratio_dev"] == 0.0
+    if script in ALGO_KEYS:  # the four algorithms' losses carry a ratio; a new one's need not
+        assert rows[2]["step"] == 4
+        for key in ["train/policy_loss", "train/kl", "train/ratio_mean", "train/ratio_min", "train/ratio_max"]:
+            assert key in rows[1], key
+        # first micro-batch: guard = rollout parameters; nft = old policy still theta; awm = the epoch-start snapshot
+        assert rows[1]["train/onpolicy_ratio_dev"] == 0.0
+        if script == "nft":  # from the 2nd epoch the old policy (EMA) lags behind theta
+            assert rows[2]["train/onpolicy_ratio_dev"] > 0
+        else:
+            assert rows[2]["train/onpolicy_ratio_dev"] == 0.0
     if script == "awm":  # the 2nd optimizer step of an epoch sees the ratio leave 1, and the tiny clip range acts
         assert rows[2]["train/ratio_min"] < 1 < rows[2]["train/ratio_max"] and rows[2]["train/clipfrac"] > 0
     for f in ["config.json", "samples/eval_base.png", "samples/eval_epoch0001.png", "samples/train_epoch0001.png",
               "samples/before_after.png", "lora/pytorch_lora_weights.safetensors"]:
         assert (out / f).is_file(), f
-    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-2", "checkpoint-4"]
-    if POLICY_EMA[script]:
-        assert (out / "checkpoints/checkpoint-4" / f"{POLICY_EMA[script]}.safetensors").is_file()
+    last = sorted(os.listdir(out / "checkpoints"), key=lambda d: int(d.split("-")[1]))
+    assert len(last) == 2 and last[-1] == f"checkpoint-{rows[2]['step']}"
+    if POLICY_EMA.get(script):
+        assert own_state(out / "checkpoints" / last[-1]) == [POLICY_EMA[script]]
     assert any("tfevents" in f for _, _, fs in os.walk(out / script) for f in fs)
     keys = load_file(out / "lora/pytorch_lora_weights.safetensors").keys()
     assert keys and all(k.startswith("transformer.") and "lora" in k for k in keys)
@@ -79,17 +84,21 @@ def test_resume_equals_uninterrupted(tmp_path, script):
     tiny_run(script, tmp_path / "a", "--num-epochs", "4", "--checkpoints-total-limit", "5")
     tiny_run(script, tmp_path / "b", "--num-epochs", "2")
     tiny_run(script, tmp_path / "b", "--num-epochs", "4", "--resume-from", "latest")
-    assert [m["epoch"] for m in read_metrics(tmp_path / "b")] == [0, 1, 2, 3]
-    for name in ["trainable", "ema", "optimizer"] + ([POLICY_EMA[script]] if POLICY_EMA[script] else []):
-        a, b = (load_file(tmp_path / x / f"checkpoints/checkpoint-8/{name}.safetensors") for x in "ab")
+    rows = read_metrics(tmp_path / "b")
+    assert [m["epoch"] for m in rows] == [0, 1, 2, 3]
+    last = f"checkpoint-{rows[-1]['step']}"
+    own = own_state(tmp_path / "b/checkpoints" / last)
+    for name in ["trainable", "ema", "optimizer", *own]:
+        a, b = (load_file(tmp_path / x / f"checkpoints/{last}/{name}.safetensors") for x in "ab")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    first, last = (load_file(tmp_path / f"a/checkpoints/checkpoint-{n}/trainable.safetensors") for n in (2, 8))
-    assert any(not torch.equal(first[k], last[k]) for k in first)  # training moved the weights
-    if POLICY_EMA[script]:  # a checkpoint without the policy EMA its state.json lists cannot resume this script
-        os.remove(tmp_path / "b/checkpoints/checkpoint-8" / f"{POLICY_EMA[script]}.safetensors")
-        with pytest.raises(USER_ERRORS, match=f"{POLICY_EMA[script]}.safetensors is missing"):
+    first, final = (load_file(tmp_path / f"a/checkpoints/checkpoint-{rows[n]['step']}/trainable.safetensors")
+                    for n in (0, -1))
+    assert any(not torch.equal(first[k], final[k]) for k in first)  # training moved the weights
+    for name in own:  # a checkpoint without the state its state.json lists cannot resume this script
+        os.remove(tmp_path / "b/checkpoints" / last / f"{name}.safetensors")
+        with pytest.raises(USER_ERRORS, match=f"{name}.safetensors is missing"):
             tiny_run(script, tmp_path / "b", "--num-epochs", "5", "--resume-from",
-                     str(tmp_path / "b/checkpoints/checkpoint-8"))
+                     str(tmp_path / "b/checkpoints" / last))
 
 
 @pytest.mark.parametrize("script, extra", [
