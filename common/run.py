@@ -239,9 +239,10 @@ class Run:
     # ---- sampling and advantages -------------------------------------------------------------------------------------
     def rollout(self, epoch, sde_window, store=("latents", "log_probs")) -> list[dict]:
         """This process's samples of the epoch, one dict per training micro-batch: its conditioning ("cond"), its
-        reward "scores" (a future under --async-rewards) and what `store` names: "latents" (the SDE window's, by
-        position), "log_probs" and "means" (per window step), "x0" (the final latents). Noise is seeded per global
-        micro-batch, so a wide rollout (--rollout-batch-size) draws what narrow ones would."""
+        reward "scores" (a future under --async-rewards), each row's identity ("item": its dataset row, "group": its
+        group's index in the epoch, the same on every process; tuples of ints) and what `store` names: "latents"
+        (the SDE window's, by position), "log_probs" and "means" (per window step), "x0" (the final latents). Noise is
+        seeded per global micro-batch, so a wide rollout (--rollout-batch-size) draws what narrow ones would."""
         args, acc = self.args, self.accelerator
         if set(store) - STORABLE:
             raise ValueError(f"run.rollout stores {sorted(STORABLE)}, not {sorted(set(store) - STORABLE)}")
@@ -267,9 +268,12 @@ class Run:
             with self.timer("decode"), self.autocast():  # after the denoising loop; VAE memory as at --batch-size
                 images = torch.cat([self.adapter.decode(traj.final[r], self.state, self.adapter.select(cond, r))
                                     for r in sampler.micro_batches(len(items), args.batch_size)])
+            rows_of = [(i, g) for idx, groups in chunk for i, g in zip(idx, groups)]  # (dataset row, epoch group)
             for b, rows in enumerate(sampler.micro_batches(len(items), args.batch_size), start=c):
-                samples.append(self._sample(epoch, b, items[rows], images[rows], self.adapter.select(cond, rows),
-                                            traj.rows(rows), store))
+                s = self._sample(epoch, b, items[rows], images[rows], self.adapter.select(cond, rows), traj.rows(rows),
+                                 store)
+                s["item"], s["group"] = zip(*rows_of[rows])  # plain ints: nothing to move to the device
+                samples.append(s)
         self.stop_if_asked(epoch - 1)  # a signal during the rollout: the weights are still epoch - 1's
         return samples
 

@@ -170,3 +170,19 @@ def test_an_epoch_ends_on_a_full_accumulation_and_logs_its_scalars(tmp_path):
             run.backward(sum((p**2).sum() for p in params))
     run.end_epoch(0, TrainStats(), raw, adv, [], scalars={"pairs": 6})
     assert read_metrics(tmp_path / "run")[-1]["train/pairs"] == 6.0
+
+
+def test_each_sample_carries_its_row_and_group(tmp_path):
+    """run.rollout's samples name each row's dataset item and its group in the epoch: a group is its item's K copies,
+    and the items are the prompts that were rolled out."""
+    run = tiny_run(tmp_path, "--batch-size", "2", "--rollout-batch-size", "4")  # TINY: 4 prompts x 4 images
+    samples = run.rollout(0, [0], store=("x0",))
+    items = [i for s in samples for i in s["item"]]
+    groups = [g for s in samples for g in s["group"]]
+    assert len(items) == len(groups) == 16 and all(len(s["item"]) == len(s["x0"]) for s in samples)
+    for g in set(groups):  # each group: K = 4 copies of one dataset row
+        members = [i for i, gg in zip(items, groups) if gg == g]
+        assert len(members) == 4 and len(set(members)) == 1
+    assert sorted(set(groups)) == list(range(4))
+    plan = run.groups.local_batches(0, 0)
+    assert items == [i for idx, _ in plan for i in idx] and groups == [g for _, gs in plan for g in gs]
