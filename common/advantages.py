@@ -1,4 +1,4 @@
-"""Group-relative advantages (ALGORITHMS.md C.3, decision 3), shared by every algorithm.
+"""Group-relative advantages (docs/algorithms.md C.3, decision 3), shared by every algorithm.
 
 rewards: {name: (S,)} raw scores of all S samples of the epoch (gathered across ranks, global order);
 groups: (S,) group id per sample. Returns (S,) advantages clipped to +-clip.

@@ -215,9 +215,10 @@ class Checked:
     changes: dict  # a resume's changed flags: {flag: (old, new)}
 
 
-def check_run(args, world_size, script, **reach) -> Checked:
-    """The run's checks, before any model loads. `reach`: the trained steps (`steps`) or training sigmas
-    (`sigma_range`, `time_sampler`) for the Wan2.2-A14B expert check."""
+def check_run(args, world_size, script, whole_groups=False, **reach) -> Checked:
+    """The run's checks, before any model loads. `whole_groups`: each process holds whole groups (data.GroupSampler).
+    `reach`: the trained steps (`steps`) or training sigmas (`sigma_range`, `time_sampler`) for the Wan2.2-A14B
+    expert check."""
     if args.group_size < 2:
         raise ConfigError("--group-size must be >= 2 (advantages are relative within a group)")
     check_sampling(args)
@@ -240,7 +241,7 @@ def check_run(args, world_size, script, **reach) -> Checked:
     data.check_videos(train + test)
     test = test[:: max(1, len(test) // args.eval_num_prompts)][: args.eval_num_prompts]  # spread over the split
     groups = data.GroupSampler(len(train), args.prompts_per_epoch, args.group_size, world_size, args.batch_size,
-                               args.seed, strata=data.strata(train, args.balance_prompts_by))
+                               args.seed, strata=data.strata(train, args.balance_prompts_by), whole_groups=whole_groups)
     if groups.num_batches % args.gradient_steps_per_epoch:
         raise ConfigError(f"{groups.num_batches} micro-batches per process per epoch do not split into "
                           f"--gradient-steps-per-epoch {args.gradient_steps_per_epoch} equal steps")

@@ -1,4 +1,5 @@
-"""`--model NAME [--tiny]` selects presets of defaults; explicit flags override them (STYLE.md 3.4, option B).
+"""`--model NAME [--tiny]` selects presets of defaults; explicit flags override them (a two-stage parse, so that
+`--help` prints the defaults a run will use, with one flat Args).
 
 A pre-parser reads only --model and --tiny, then tyro parses everything against the preset-filled defaults, so
 `--help` shows the defaults that will really be used. The layers, in order (common/args.py): the Args defaults, the

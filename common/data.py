@@ -349,12 +349,15 @@ class EpochPlan:
 
 
 class GroupSampler:
-    """M prompts x K copies per epoch, the same on every rank (shared seed), shuffled so groups span ranks."""
+    """M prompts x K copies per epoch, the same on every rank (shared seed), shuffled so groups span ranks; or, for
+    an algorithm that compares the members of a group (whole_groups), each group's K copies kept together, in
+    shuffled group order, so that every rank holds whole groups."""
 
     def __init__(self, num_items: int, prompts_per_epoch: int, group_size: int, world_size: int,
-                 batch_size: int, seed: int, strata: list | None = None):
+                 batch_size: int, seed: int, strata: list | None = None, whole_groups: bool = False):
         """strata: a label per item (e.g. its "tag"): each epoch then draws the labels as evenly as possible and
-        distinct prompts within each label, so that a label with few prompts is trained as often as a large one."""
+        distinct prompts within each label, so that a label with few prompts is trained as often as a large one.
+        whole_groups: a rank's samples are whole groups (prompts_per_epoch must split evenly over the ranks)."""
         sizes = dict(num_items=num_items, prompts_per_epoch=prompts_per_epoch, group_size=group_size,
                      num_processes=world_size, batch_size=batch_size)
         for name, v in sizes.items():
@@ -367,7 +370,11 @@ class GroupSampler:
             raise DataError(f"prompts_per_epoch*group_size = {M}*{K} = {M * K} samples must be divisible by "
                             f"num_processes*batch_size = {W}*{B} = {W * B}; nearest valid prompts_per_epoch: "
                             + " or ".join(map(str, options)))
+        if whole_groups and M % W:
+            raise DataError(f"this algorithm keeps each group on one process: prompts_per_epoch {M} must be a multiple "
+                            f"of num_processes {W}")
         self.num_items, self.M, self.K, self.W, self.B, self.seed = num_items, M, K, W, B, seed
+        self.whole_groups = whole_groups
         self.num_batches = M * K // (W * B)  # micro-batches per rank per epoch
         if strata is not None and len(strata) != num_items:
             raise ValueError(f"{len(strata)} strata labels for {num_items} items")
@@ -383,8 +390,10 @@ class GroupSampler:
             prompts = torch.cat(perms)[:self.M]
         else:
             prompts = self._balanced(g)
-        # shuffle the M*K samples so a group's members land on different ranks/batches
-        groups = torch.arange(self.M).repeat_interleave(self.K)[torch.randperm(self.M * self.K, generator=g)]
+        if self.whole_groups:  # the groups in shuffled order, each one's K copies together
+            groups = torch.randperm(self.M, generator=g).repeat_interleave(self.K)
+        else:  # shuffle the M*K samples so a group's members land on different ranks/batches
+            groups = torch.arange(self.M).repeat_interleave(self.K)[torch.randperm(self.M * self.K, generator=g)]
         return EpochPlan(items=prompts[groups].tolist(), groups=groups.tolist())
 
     def _balanced(self, g):

@@ -1,4 +1,4 @@
-"""Exponential moving average of the trainable parameters, with the decay schedules of ALGORITHMS.md E.6.
+"""Exponential moving average of the trainable parameters, with the decay schedules of docs/algorithms.md E.6.
 
 GRPO uses it for evaluation and saving only; NFT/AWM use it as the old/anchor policy.
 theta_ema <- d * theta_ema + (1 - d) * theta, applied when (step + 1) % interval == 0.

@@ -1,7 +1,7 @@
 """Full-size models without weights: meta-device builds and a per-process GPU memory plan (issue 13; `--plan`).
 
 Every adapter carries `full_configs` (variant -> component -> (class, kwargs)), the published architecture of each
-component written from facts (MODELS.md 3.x). `build_meta` builds them on the meta device: shapes and parameter
+component written from facts (docs/models.md 3). `build_meta` builds them on the meta device: shapes and parameter
 counts, no memory, no download. `memory_plan` adds up, for one training process, what a run keeps on the GPU:
 
 - weights in their precision (2 bytes under --mixed-precision bf16/fp16, else 4);

@@ -58,14 +58,16 @@ def lr_factor(schedule: str, epoch: int, num_epochs: int) -> float:
 
 class Run:
     def __init__(self, args, script: str, trained_steps=None, trained_sigmas=None, time_sampler=None,
-                 reference=False):
+                 reference=False, whole_groups=False):
         """Everything before the first write: the checks (then the data), the accelerator, seeds and threads, the
         model with LoRA (or full fine-tuning), attention, compile, checkpointing, the reference copy and FSDP; the
         rewards and their probe; the optimizer, the evaluation EMA and a resumed checkpoint. `script` is recorded
         in checkpoints. Wan2.2-A14B's expert check needs what trains: rollout steps (`trained_steps`) or training
         sigmas (`trained_sigmas`, a closed interval, drawn by `time_sampler`). `reference`: the algorithm needs the
         reference model (run.reference_velocity) whatever --kl-beta is (a full fine-tuning run then keeps a frozen
-        copy; a LoRA run's reference is the model with its adapters off, always there)."""
+        copy; a LoRA run's reference is the model with its adapters off, always there). `whole_groups`: the algorithm
+        compares the members of a group, so each process holds whole groups (a configuration where that cannot hold
+        is refused before the model loads; data.GroupSampler)."""
         self.args, self.script, self.wants_reference = args, script, reference
         adapter_cls = models.adapter_class(args.model, args.variant)
         ddp = DistributedDataParallelKwargs(
@@ -78,7 +80,7 @@ class Run:
         self.autocast = acc.autocast
         reach = dict(steps=trained_steps) if trained_steps is not None else dict(sigma_range=trained_sigmas,
                                                                                   time_sampler=time_sampler)
-        checked = checks.check_run(args, self.world, script, **reach)
+        checked = checks.check_run(args, self.world, script, whole_groups=whole_groups, **reach)
         self.train_items, self.test_items, self.groups = checked.train, checked.test, checked.groups
         self.resume, self.n_batches = checked.resume, checked.groups.num_batches
         self.lock = OutputLock(args.output_dir)

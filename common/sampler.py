@@ -1,7 +1,7 @@
 """Flow-matching sampling: one step of ODE / Flow-SDE / Dance-SDE / CPS with its Gaussian log-prob,
 the SDE window, and a rollout that keeps only the latents training needs.
 
-Conventions (docs: ALGORITHMS.md sections A, B): z_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise,
+Conventions (docs/algorithms.md sections A, B): z_sigma = (1 - sigma) x0 + sigma eps, sigma = 1 is noise,
 velocity v ~ eps - x0, steps go from sigma to sigma_next < sigma. All math runs in float32; the sampled
 latent is rounded to the storage dtype *before* its log-prob is taken, so training, which reloads the
 stored latent, sees exactly the tensor the rollout scored (on-policy ratio == 1).
@@ -155,7 +155,7 @@ def rollout(predict, z, sigmas, sde_steps=(), eta=0.0, dynamics="ODE", keep=None
 
     predict(z, sigma_index) -> velocity (model forward incl. CFG). Steps in `sde_steps` use `dynamics`
     with noise level `eta`, all others the ODE. `keep`: positions whose latents are stored (default:
-    every i and i+1 of the SDE steps, ALGORITHMS.md B.8).
+    every i and i+1 of the SDE steps, docs/algorithms.md B.8).
     """
     sde_steps = set(sde_steps)
     keep = set(keep) if keep is not None else {p for i in sde_steps for p in (i, i + 1)}

@@ -1,4 +1,5 @@
-"""Training-timestep samplers of the decoupled algorithms (ALGORITHMS.md E.5, decision 8), used by nft.py and awm.py.
+"""Training-timestep samplers of the decoupled algorithms (docs/algorithms.md E.5, decision 8), used by nft.py and
+awm.py.
 
 `sample_sigmas` returns a (T, B) tensor of sigmas: T training timesteps for each of B samples, drawn
 independently per sample (column). `timestep_range` (lo, hi) holds fractions along the denoising axis:

@@ -247,6 +247,28 @@ def test_plan_same_on_every_rank_and_reproducible():
     assert GroupSampler(10, 4, 4, 2, 2, seed=8).plan(3) != p0
 
 
+@pytest.mark.parametrize("world,batch", [(1, 4), (2, 2), (2, 3), (3, 2), (3, 4)])
+def test_whole_groups_keep_each_group_on_one_process(world, batch):
+    """whole_groups: every rank's samples are whole groups (K members, one prompt), the groups of an epoch are the
+    same prompts as without it, and every rank runs as many micro-batches; an epoch whose groups cannot split
+    evenly over the ranks is refused in one line."""
+    s = GroupSampler(20, 6, 4, world_size=world, batch_size=batch, seed=0, whole_groups=True)
+    plain = GroupSampler(20, 6, 4, world_size=world, batch_size=batch, seed=0)
+    for epoch in range(3):
+        p = s.plan(epoch)
+        seen = set()
+        for rank in range(world):
+            items, groups = p.local(rank, world)
+            assert Counter(groups) == {g: 4 for g in set(groups)} and not seen & set(groups)  # whole, nowhere else
+            assert all(len({i for i, gg in zip(items, groups) if gg == g}) == 1 for g in set(groups))
+            assert len(s.local_batches(epoch, rank)) == s.num_batches
+            seen |= set(groups)
+        assert seen == set(range(6)) and sorted(p.items) == sorted(plain.plan(epoch).items)
+    with pytest.raises(DataError, match="^this algorithm keeps each group on one process: prompts_per_epoch 6 must "
+                                        "be a multiple of num_processes 4$"):
+        GroupSampler(20, 6, 4, world_size=4, batch_size=3, seed=0, whole_groups=True)
+
+
 def test_plan_groups_are_complete():
     s = GroupSampler(20, 6, 4, world_size=2, batch_size=3, seed=0)
     for epoch in range(5):

@@ -1,4 +1,4 @@
-"""The adapter interface every model implements (docs: MODELS.md section 2).
+"""The adapter interface every model implements (docs/models.md section 2).
 
 An adapter wraps one diffusers pipeline's components and exposes the few operations RL needs, batch
 first: encode prompts once per batch, draw the initial noise, build the pipeline's own sigma schedule,
@@ -67,7 +67,7 @@ class Adapter:
     condition_min_side = 1        # the smallest condition image side the pipeline encodes (common/data.py checks it)
     condition_max_aspect = None   # the widest aspect ratio it takes (None: any)
     condition_resized_to_area = False  # each condition image resized to a fixed area, sides multiples of 32
-    # the model's recommended sampling settings (ALGORITHMS.md H), shared by every algorithm script; a script's
+    # the model's recommended sampling settings (docs/algorithms.md H.2), shared by every algorithm script; a script's
     # PRESETS[name] adds its algorithm's settings on top (common/cli.py); the Args defaults are FLUX.1-dev's
     preset: dict = {}
     tiny_preset: dict = {}  # what --tiny needs beyond common.args.TINY (edit datasets, video frames)
@@ -178,7 +178,7 @@ class Adapter:
 
     # ---- shared helpers -------------------------------------------------------------------------
     def scheduler_sigmas(self, num_steps, custom_sigmas=None, mu=None) -> torch.Tensor:
-        """The N+1 sigmas the pipeline's own scheduler builds (ALGORITHMS.md decision 1)."""
+        """The N+1 sigmas the pipeline's own scheduler builds (docs/algorithms.md decision 1)."""
         sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)  # fresh, stateless copy
         kwargs = {"sigmas": custom_sigmas} if custom_sigmas is not None else {}
         if mu is not None:

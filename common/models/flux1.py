@@ -1,4 +1,4 @@
-"""FLUX.1-dev adapter (MODELS.md 3.1) over diffusers' FluxPipeline components.
+"""FLUX.1-dev adapter (docs/models.md 3.1) over diffusers' FluxPipeline components.
 
 Facts: 16-channel latents packed 2x2 into (B, (H/16)(W/16), 64) tokens; img_ids [0, row, col] on the
 packed grid; the transformer takes t/1000; FLUX.1-dev has a distilled guidance embedding (single pass);
@@ -45,7 +45,7 @@ class Flux1Adapter(Adapter):
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
         "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
         "ff_context.net.2"]
-    # MODELS.md 3.1 [recalled there; = diffusers' FluxTransformer2DModel defaults except guidance_embeds]
+    # docs/models.md 3.1 (= diffusers' FluxTransformer2DModel defaults except guidance_embeds)
     full_configs = {None: {
         "transformer": (FluxTransformer2DModel, dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
                                                      attention_head_dim=128, num_attention_heads=24,

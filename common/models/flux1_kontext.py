@@ -1,4 +1,4 @@
-"""FLUX.1-Kontext-dev adapter (MODELS.md 3.2) over diffusers' FluxKontextPipeline components.
+"""FLUX.1-Kontext-dev adapter (docs/models.md 3.2) over diffusers' FluxKontextPipeline components.
 
 Facts: the FLUX.1-dev architecture and scheduler config (flux1.py: packed 2x2 tokens, t/1000, distilled
 guidance embedding, optional true CFG with a negative prompt, mu from the target token count only).

@@ -1,4 +1,4 @@
-"""FLUX.2-dev and FLUX.2-klein adapters (MODELS.md 3.7, 3.8) over diffusers' Flux2Pipeline / Flux2KleinPipeline.
+"""FLUX.2-dev and FLUX.2-klein adapters (docs/models.md 3.7, 3.8) over diffusers' Flux2Pipeline / Flux2KleinPipeline.
 
 Facts: the VAE has 32 latent channels, patchified 2x2 to 128 and normalized with its BatchNorm running stats;
 noise is drawn directly in that space, (B, 128, H/16, W/16), and flattened row-major to (B, L, 128) tokens.
@@ -32,8 +32,9 @@ SCHEDULER_CONFIG = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, ma
 TINY_TEXT_HIDDEN = 16  # the transformer's joint_attention_dim is 3 x this (three stacked hidden states)
 
 # ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
-# MODELS.md 3.7/3.8 [hub-copy]: one transformer class; widths and depths per model, joint_attention_dim = 3 x the text
-# encoder's hidden size (three stacked hidden states); the VAE = AutoencoderKLFlux2's defaults [assumed FLUX.2's]
+# docs/models.md 3.7/3.8 (the hub configs): one transformer class; widths and depths per model,
+# joint_attention_dim = 3 x the text encoder's hidden size (three stacked hidden states); the VAE =
+# AutoencoderKLFlux2's defaults [assumed FLUX.2's]
 _FLUX2_TRANSFORMER = dict(patch_size=1, in_channels=128, attention_head_dim=128, timestep_guidance_channels=256,
                           mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000)
 _FLUX2_VAE = (AutoencoderKLFlux2, dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32,
@@ -100,7 +101,7 @@ class Flux2Adapter(Adapter):
     default_condition_max_pixels = 1024 * 1024
     condition_min_side, condition_max_aspect = 64, 8  # Flux2ImageProcessor.check_image_input's defaults
     # a regex because the single blocks' attn.to_out is a plain Linear while the double blocks' is a ModuleList:
-    # the suffix "attn.to_out" would hit both and PEFT rejects the ModuleList (MODELS.md 4, pitfall 10)
+    # the suffix "attn.to_out" would hit both and PEFT rejects the ModuleList (docs/models.md 4)
     default_target_modules = (
         r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
         r"|ff(_context)?\.(linear_in|linear_out))"

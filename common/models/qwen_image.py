@@ -1,4 +1,4 @@
-"""Qwen-Image (MODELS.md 3.5) and Qwen-Image-Edit-Plus (3.6) adapters over diffusers' QwenImagePipeline and
+"""Qwen-Image (docs/models.md 3.5) and Qwen-Image-Edit-Plus (3.6) adapters over diffusers' QwenImagePipeline and
 QwenImageEditPlusPipeline components.
 
 Facts: 16-channel latents of a Wan-style causal VAE (5-D, one frame), per-channel latents_mean/std, packed 2x2
@@ -36,7 +36,7 @@ from common.errors import ModelError
 from common.models import tiny_parts
 from common.models.base import RAGGED_TEXT_TOKENS, ROOT, Adapter, pad_cat, pad_to
 
-# Qwen-Image's scheduler_config.json (MODELS.md 3.5); real checkpoints bring their own
+# Qwen-Image's scheduler_config.json (docs/models.md 3.5); real checkpoints bring their own
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
                         max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                         time_shift_type="exponential")
@@ -57,7 +57,8 @@ QWEN25_VL_7B = dict(
 
 
 def _full_config(zero_cond_t=False):
-    # MODELS.md 3.5 [hub-copy] = diffusers' QwenImageTransformer2DModel defaults; the VAE = AutoencoderKLQwenImage's
+    # docs/models.md 3.5: the hub config = diffusers' QwenImageTransformer2DModel defaults; the VAE =
+    # AutoencoderKLQwenImage's
     # defaults (the Wan-2.1-style VAE used on single frames)
     return {"transformer": (QwenImageTransformer2DModel, dict(
                 patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
@@ -70,7 +71,7 @@ def _full_config(zero_cond_t=False):
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     """Qwen2VLProcessor without its video processor, for the tiny build: transformers type-checks every
-    sub-processor and the video one needs torchvision, which has no CPU wheel here (MODELS.md pitfall 1).
+    sub-processor and the video one needs torchvision, which has no CPU wheel here (docs/models.md 3.6).
     The edit pipeline never passes videos. Module level so that from_pretrained can import it by name."""
 
     @classmethod
@@ -127,7 +128,7 @@ class QwenImageAdapter(Adapter):
     preset = dict(eval_resolution=1024, eval_num_steps=28, true_cfg_scale=4.0, negative_prompt=" ", batch_size=1)
     variants = {"2512": "Qwen/Qwen-Image-2512", "original": "Qwen/Qwen-Image"}
     hub_id = "Qwen/Qwen-Image-2512"
-    # MODELS.md 4: the second FFN layer is `net.2` itself (the reference's `net.2.proj` matches nothing)
+    # docs/models.md 4: the second FFN layer is `net.2` itself (the reference's `net.2.proj` matches nothing)
     default_target_modules = [
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
         "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
@@ -241,7 +242,7 @@ class QwenImageEditPlusAdapter(QwenImageAdapter):
     condition_max_aspect = 200  # the Qwen2.5-VL processor's aspect limit (its 384^2 copy)
     condition_resized_to_area = True
     vl_image_pixels = 384 * 384  # the pipeline's CONDITION_IMAGE_SIZE: area of the VL encoder's copies
-    # 2511 = 2509 + zero_cond_t (MODELS.md 3.6 [hub-copy])
+    # 2511 = 2509 + zero_cond_t (docs/models.md 3.6; the hub configs)
     full_configs = {"2511": _full_config(zero_cond_t=True), "2509": _full_config()}
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Stable Diffusion 3.5 adapter (MODELS.md 3.3) over diffusers' StableDiffusion3Pipeline components.
+"""Stable Diffusion 3.5 adapter (docs/models.md 3.3) over diffusers' StableDiffusion3Pipeline components.
 
 Facts: 16-channel latents (B, 16, H/8, W/8), not packed (the transformer patchifies 2x2 itself and crops
 a sincos table, so H/16 and W/16 are at most pos_embed_max_size); the transformer takes t = 1000 sigma;
@@ -21,7 +21,7 @@ from common.models.base import Adapter
 from common.models.flux1 import CLIP_L, FLUX_VAE, T5_XXL
 
 # ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
-# MODELS.md 3.3 [hub-copy]: the MMDiT widths per variant; medium's MMDiT-X dual attention in blocks 0-12
+# docs/models.md 3.3 (the hub configs): the MMDiT widths per variant; medium's MMDiT-X dual attention in blocks 0-12
 _SD35_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
                          joint_attention_dim=4096, pooled_projection_dim=2048, qk_norm="rms_norm")
 _SD35_COMMON = {
@@ -110,7 +110,7 @@ class SD3Adapter(Adapter):
             mu = calculate_shift(state["seq_len"], cfg.get("base_image_seq_len", 256),
                                  cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
                                  cfg.get("max_shift", 1.16))
-        # no custom sigmas: the pipeline leaves the grid to the scheduler (MODELS.md pitfall 9)
+        # no custom sigmas: the pipeline leaves the grid to the scheduler, not linspace(1, 1/N, N) (docs/models.md 3.3)
         return self.scheduler_sigmas(num_steps, mu=mu)
 
     def condition_elements(self, settings, latent_grid=None):

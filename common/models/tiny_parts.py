@@ -1,4 +1,4 @@
-"""Download-free tiny components shared by the tiny model builds (MODELS.md section 5).
+"""Download-free tiny components shared by the tiny model builds (docs/models.md section 5).
 
 Every interface number of the real models is kept (VAE x8 compression, 16 latent channels, token-id
 conventions); only widths and depths shrink, so the adapters run the same code path as real weights.

@@ -1,4 +1,4 @@
-"""Wan text-to-video (MODELS.md 3.9) and image-to-video (3.10) adapters over diffusers' WanPipeline and
+"""Wan text-to-video (docs/models.md 3.9) and image-to-video (3.10) adapters over diffusers' WanPipeline and
 WanImageToVideoPipeline components, for Wan2.1 (1.3B / 14B), Wan2.2-TI2V-5B and Wan2.2-A14B.
 
 Facts: 5-D latents (B, C, 1 + (F-1)//4, H/s, W/s) of a causal video VAE (2.1 VAE: 16 channels, s = 8; 2.2 VAE of
@@ -7,7 +7,8 @@ TI2V-5B: 48 channels, s = 16), normalised per channel with latents_mean / latent
 padded to max_sequence_length and zeroed past the true length. The transformer takes t = 1000 sigma and no
 guidance embedding; true CFG v = v_neg + s (v_pos - v_neg) is on iff guidance_scale > 1, with "" as the negative
 by default. The schedule is the pipeline's UniPC flow schedule, shift(linspace(1, 1/1000, N+1)[:-1]) + [0]; its
-multistep update is replaced by our one-step Euler/SDE updates on the same sigmas (VIDEO.md: every peer does so).
+multistep update is replaced by our one-step Euler/SDE updates on the same sigmas (as every peer's rollouts do:
+docs/video.md#recipes).
 We pass the float sigmas, not UniPC's int64 timesteps (which read 0.875 for sigma 0.87516).
 
 Wan2.2-A14B has two experts of one architecture: `transformer` (high noise) for t >= boundary_ratio * 1000 with
@@ -50,7 +51,7 @@ EXPERTS = ("transformer", "transformer_2")  # high-noise, low-noise (Wan2.2-A14B
 TRAIN_EXPERTS = {"high": ("transformer",), "low": ("transformer_2",), "both": EXPERTS}
 
 # ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
-# MODELS.md 3.9/3.10 (diffusers' conversion script): head_dim 128, patch (1, 2, 2), UMT5 text (4096), 3-D rope
+# docs/models.md 3.9/3.10 (diffusers' conversion script): head_dim 128, patch (1, 2, 2), UMT5 text (4096), 3-D rope
 _WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 _WAN_1_3B = dict(_WAN, num_attention_heads=12, num_layers=30, ffn_dim=8960, in_channels=16, out_channels=16)
@@ -237,7 +238,7 @@ def _tiny_vae(v22=False):
 
 def _tiny_transformer(in_channels=16, out_channels=16, image_dim=None, seed=0):
     torch.manual_seed(seed)
-    # patch (1, 2, 2) as in every real Wan: expand_timesteps' [:, ::2, ::2] assumes it (MODELS.md pitfall 13)
+    # patch (1, 2, 2) as in every real Wan: expand_timesteps' [:, ::2, ::2] assumes it (docs/models.md section 5)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
                                  in_channels=in_channels, out_channels=out_channels, text_dim=32, freq_dim=256,
                                  ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -249,7 +250,7 @@ class _WanAdapter(Adapter):
     """What the T2V and I2V adapters share. `specs`: variant -> (tiny architecture, flow_shift, boundary_ratio,
     size multiple), the class-level facts that check_size / expert_steps use without loading weights."""
     specs: dict = {}
-    # MODELS.md 4 (20 per expert); not I2V 2.1's attn2.add_k_proj / add_v_proj (image cross-attention)
+    # docs/models.md 4 (20 per expert); not I2V 2.1's attn2.add_k_proj / add_v_proj (image cross-attention)
     default_target_modules = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
                               "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"]
     unguided = (1.0, 1.0)
@@ -478,7 +479,7 @@ class _WanAdapter(Adapter):
         return self.pipe.video_processor.postprocess_video(video, output_type="pt").float()
 
 
-# Args defaults shared by every algorithm (VIDEO.md "Recipes"): train at flow_grpo's Wan2.1-T2V-1.3B size 240x416
+# Args defaults shared by every algorithm (docs/video.md#recipes): train at flow_grpo's Wan2.1-T2V-1.3B size 240x416
 # (16:9-ish, multiples of 16) with the reference recipes' 5 frames and 10 steps; evaluate at Wan2.1's native
 # 480x832 with the reference recipes' 13 frames and 28 steps; CFG 4.5 (flow_grpo's Wan recipe); Wan's 512 text
 # tokens. The preset is for the default variant: TI2V-5B needs multiples of 32 (e.g. --resolution 256 416).
@@ -531,7 +532,8 @@ class WanI2VAdapter(_WanAdapter):
     specs = {"2.1-14b-480p": ("2.1", 3.0, None, 16), "2.1-14b-720p": ("2.1", 3.0, None, 16),
              "2.2-a14b": ("a14b", 3.0, 0.9, 16), "2.2-ti2v-5b": ("5b", 5.0, None, 32)}
     condition_images = "one"
-    # as T2V (VIDEO.md: the 2.1-I2V-14B-480P recipe trains at 240 px, 5 frames) with the reference recipe's CFG 5.0
+    # as T2V (docs/video.md#recipes: the 2.1-I2V-14B-480P recipe trains at 240 px, 5 frames) with the reference
+    # recipe's CFG 5.0
     preset = dict(T2V_PRESET, guidance_scale=5.0)
     # --tiny: the demo edit dataset's images as first frames
     tiny_preset = dict(num_frames=5, eval_num_frames=5, dataset=os.path.join(ROOT, "datasets", "demo-edit"))

@@ -1,4 +1,4 @@
-"""Z-Image adapter (MODELS.md 3.4) over diffusers' ZImagePipeline components: Z-Image-Turbo and Z-Image (base).
+"""Z-Image adapter (docs/models.md 3.4) over diffusers' ZImagePipeline components: Z-Image-Turbo and Z-Image (base).
 
 Facts: 16-channel FLUX VAE latents (B, 16, H/8, W/8), not packed; the single-stream transformer takes lists
 of per-sample (16, 1, h, w) latents and of ragged caption embeddings (L_i, D) (Qwen3 hidden_states[-2] of the
@@ -34,7 +34,7 @@ QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                 rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                 tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
-# MODELS.md 3.4: diffusers' ZImageTransformer2DModel defaults are Turbo's; the base model shares the architecture
+# docs/models.md 3.4: diffusers' ZImageTransformer2DModel defaults are Turbo's; the base model shares the architecture
 _Z_IMAGE = {
     "transformer": (ZImageTransformer2DModel, dict(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
