@@ -3,7 +3,7 @@
 Rollouts (any solver, the ODE by default) keep only the final latents x0; rewards become group advantages.
 Training re-noises x0 at per-sample timesteps and uses logp = -w(mean_d (v_theta - u)^2, sigma), u = eps - x0, in
 a PPO-clipped ratio against the weights at the start of the epoch, plus a KL to an EMA anchor; CFG-free training.
-Paper: Advantage Weighted Matching (arXiv 2509.25050). Math: docs/awm.md, ALGORITHMS.md F.
+Paper: Advantage Weighted Matching (arXiv 2509.25050). Math: docs/awm.md, docs/algorithms.md F.
 
     python awm.py                                              # embedded shapes world + model on a CPU
     python awm.py --model flux1 --tiny                         # tiny random FLUX.1 on a CPU, no downloads
@@ -50,13 +50,13 @@ class Args(RunArgs):  # the flags every script shares: common/args.py
     time_shift: float = 3.0
     """shift applied to sigma by the uniform and logit_normal samplers (> 1 favours noisy timesteps)"""
     anchor_schedule: Schedule = "linear"
-    """EMA decay schedule of the anchor of the EMA-KL, indexed by optimizer step (ALGORITHMS.md E.6, F.4)"""
+    """EMA decay schedule of the anchor of the EMA-KL, indexed by optimizer step (docs/algorithms.md E.6, F.4)"""
     anchor_decay: float = 0.3
     """the anchor's maximum EMA decay"""
     anchor_warmup_steps: int = 300
     """linear (and power, warmup_cosine): optimizer steps to reach the maximum decay"""
     awm_weighting: Literal["Uniform", "t", "t**2", "huber", "ghuber"] = "ghuber"
-    """w(l, sigma) of logp = -w (ALGORITHMS.md F.2)"""
+    """w(l, sigma) of logp = -w (docs/algorithms.md F.2)"""
     ghuber_power: float = 0.25
     """p of the ghuber weighting"""
     ema_kl_beta: float = 0.1
@@ -78,14 +78,14 @@ TINY = dict(clip_range=1e-4, anchor_warmup_steps=4)  # --tiny: a clip that acts,
 
 # ALGO LOGIC: the AWM loss
 def ppo_clip_loss(log_prob, old_log_prob, adv, clip_range):
-    """PPO-clipped policy loss (ALGORITHMS.md C.4); returns (loss, ratio)."""
+    """PPO-clipped policy loss (docs/algorithms.md C.4); returns (loss, ratio)."""
     ratio = torch.exp(log_prob - old_log_prob)
     clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     return torch.maximum(-adv * ratio, -adv * clipped).mean(), ratio
 
 
 def awm_weight(ell, sigma, weighting, power=0.25):
-    """w(l, sigma) of ALGORITHMS.md F.2 (the "t" of the names is sigma in [0, 1]); increasing in l."""
+    """w(l, sigma) of docs/algorithms.md F.2 (the "t" of the names is sigma in [0, 1]); increasing in l."""
     if weighting == "huber":
         return sigma * (torch.sqrt(ell + 1e-10) - 1e-5)
     if weighting == "ghuber":  # p = 1: "t"; p = 0.5: 2 x "huber"; small p damps large errors
@@ -94,7 +94,7 @@ def awm_weight(ell, sigma, weighting, power=0.25):
 
 
 def awm_log_prob(v, u, sigma, weighting, power=0.25):
-    """logp = -w(l, sigma) with l = mean_d (v - u)^2 in float64 (ALGORITHMS.md F.2); (B,) float32."""
+    """logp = -w(l, sigma) with l = mean_d (v - u)^2 in float64 (docs/algorithms.md F.2); (B,) float32."""
     ell = ((v.double() - u.double()) ** 2).flatten(1).mean(1)
     return -awm_weight(ell, sigma.double(), weighting, power).float()
 
@@ -170,7 +170,7 @@ def main(args: Args):
                 stats.add(loss=loss, policy_loss=policy_loss, kl=kl, ema_kl=ema_kl, ratio=ratio,
                           clipfrac=((ratio.detach() - 1).abs() > args.clip_range).float().mean(),
                           approx_kl=0.5 * ((log_prob.detach() - old_log_prob) ** 2).mean())
-        anchor.step(run.global_step - 1)  # decay indexed by the last optimizer step (ALGORITHMS.md F.4)
+        anchor.step(run.global_step - 1)  # decay indexed by the last optimizer step (docs/algorithms.md F.4)
 
         # ---- LOGGING, EVALUATION, CHECKPOINT ----
         run.end_epoch(epoch, stats, raw, advantages, sde_window=window)

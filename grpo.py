@@ -3,7 +3,7 @@
 Rollouts integrate the model's own schedule with a window of stochastic (SDE) steps that carry Gaussian
 log-probs; rewards become group-relative advantages; the policy is trained with the PPO-clipped ratio of
 the recomputed to the stored log-probs, optionally with a KL penalty to the reference model.
-Papers: Flow-GRPO (arXiv 2505.05470), DanceGRPO (arXiv 2505.07818). Math: docs/grpo.md, ALGORITHMS.md C.
+Papers: Flow-GRPO (arXiv 2505.05470), DanceGRPO (arXiv 2505.07818). Math: docs/grpo.md, docs/algorithms.md C.
 
     python grpo.py                                              # embedded shapes world + model on a CPU
     python grpo.py --model flux1 --tiny                         # tiny random FLUX.1 on a CPU, no downloads
@@ -53,7 +53,7 @@ PRESETS = {
     "sd3_5": dict(group_size=24, noise_level=0.8, sde_window_size=2, sde_window_range=(1, 6), ema_decay=0.99),
     **{m: dict(noise_level=1.0) for m in ("qwen-image", "qwen-image-edit-plus", "flux2")},
     "flux2-klein": dict(noise_level=0.5, sde_window_range=(1, 3)),
-    # Wan (VIDEO.md recipes: eta 0.9, 10 steps): the window range 1-5 reaches both Wan2.2-A14B experts at shift 3
+    # Wan (docs/video.md#recipes: eta 0.9, 10 steps): the window range 1-5 reaches both Wan2.2-A14B experts at shift 3
     # (high-noise steps 0-3, low-noise 4-9), so --train-experts both works; the 2.1 recipe keeps steps 1-3
     **{m: dict(noise_level=0.9, sde_window_range=(1, 6)) for m in ("wan2_t2v", "wan2_i2v")},
 }
@@ -62,7 +62,7 @@ TINY = dict(sde_window_size=2, sde_window_range=(0, 4), clip_range=1e-3)  # --ti
 
 # ALGO LOGIC: the GRPO loss
 def ppo_clip_loss(log_prob, old_log_prob, adv, clip_range):
-    """PPO-clipped policy loss (ALGORITHMS.md C.4); returns (loss, ratio)."""
+    """PPO-clipped policy loss (docs/algorithms.md C.4); returns (loss, ratio)."""
     ratio = torch.exp(log_prob - old_log_prob)
     clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     return torch.maximum(-adv * ratio, -adv * clipped).mean(), ratio

@@ -3,7 +3,7 @@
 The Flow-SDE log-ratio is biased (mean -m/(2s^2)) and its spread scales like 1/s, so a symmetric clip acts
 unevenly across steps. RatioNorm replaces it by log rho~ = s (l_theta - l_old) + m/(2s) = mean_d(xi delta):
 zero-mean under the sampling noise with a step-independent scale; each step's policy loss is divided by
-Delta = sigma - sigma_next. Paper: GRPO-Guard (arXiv 2510.22319). Math: docs/grpo_guard.md, ALGORITHMS.md D.
+Delta = sigma - sigma_next. Paper: GRPO-Guard (arXiv 2510.22319). Math: docs/grpo_guard.md, docs/algorithms.md D.
 
     python grpo_guard.py                                              # embedded shapes world + model on a CPU
     python grpo_guard.py --model flux1 --tiny                         # tiny random FLUX.1 on a CPU, no downloads
@@ -55,7 +55,7 @@ PRESETS = {
     "sd3_5": dict(group_size=24, noise_level=0.8, sde_window_size=2, sde_window_range=(1, 6), ema_decay=0.99),
     **{m: dict(noise_level=1.0) for m in ("qwen-image", "qwen-image-edit-plus", "flux2")},
     "flux2-klein": dict(noise_level=0.5, sde_window_range=(1, 3)),
-    # Wan (VIDEO.md recipes: eta 0.9, 10 steps): the window range 1-5 reaches both Wan2.2-A14B experts at shift 3
+    # Wan (docs/video.md#recipes: eta 0.9, 10 steps): the window range 1-5 reaches both Wan2.2-A14B experts at shift 3
     # (high-noise steps 0-3, low-noise 4-9), so --train-experts both works; the 2.1 recipe keeps steps 1-3
     **{m: dict(noise_level=0.9, sde_window_range=(1, 6)) for m in ("wan2_t2v", "wan2_i2v")},
 }
@@ -64,14 +64,14 @@ TINY = dict(sde_window_size=2, sde_window_range=(0, 4), clip_range=1e-3)  # --ti
 
 # ALGO LOGIC: the GRPO loss
 def ppo_clip_loss(log_prob, old_log_prob, adv, clip_range):
-    """PPO-clipped policy loss (ALGORITHMS.md C.4); returns (loss, ratio)."""
+    """PPO-clipped policy loss (docs/algorithms.md C.4); returns (loss, ratio)."""
     ratio = torch.exp(log_prob - old_log_prob)
     clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     return torch.maximum(-adv * ratio, -adv * clipped).mean(), ratio
 
 
 def guard_log_ratio(log_prob, old_log_prob, mean, old_mean, std):
-    """RatioNorm (ALGORITHMS.md D.2): log rho~ = s (l_theta - l_old) + m / (2 s), (B,), with s the step's
+    """RatioNorm (docs/algorithms.md D.2): log rho~ = s (l_theta - l_old) + m / (2 s), (B,), with s the step's
     transition std per sample and m = mean_d (mu_theta - mu_old)^2 (gradient through mu_theta)."""
     s = std.reshape(-1).expand_as(log_prob)
     m = ((mean - old_mean) ** 2).mean(tuple(range(1, mean.dim())))

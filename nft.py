@@ -4,7 +4,7 @@ Rollouts (any solver, the ODE by default) keep only the final latents x0; reward
 and an optimality weight r in [0, 1]. Training re-noises x0 at per-sample timesteps and regresses the implicit
 policies v+ = beta v_theta + (1 - beta) v_old (weight r) and v- = (1 + beta) v_old - beta v_theta (weight 1 - r)
 towards x0, v_old being an EMA "old" policy; no log-probs, CFG-free training forward.
-Paper: DiffusionNFT (arXiv 2509.16117). Math: docs/nft.md, ALGORITHMS.md E.
+Paper: DiffusionNFT (arXiv 2509.16117). Math: docs/nft.md, docs/algorithms.md E.
 
     python nft.py                                              # embedded shapes world + model on a CPU
     python nft.py --model flux1 --tiny                         # tiny random FLUX.1 on a CPU, no downloads
@@ -50,7 +50,7 @@ class Args(RunArgs):  # the flags every script shares: common/args.py
     time_shift: float = 3.0
     """shift applied to sigma by the uniform and logit_normal samplers (> 1 favours noisy timesteps)"""
     old_schedule: Schedule = "piecewise_linear"
-    """EMA decay schedule of the old policy, indexed by optimizer step (ALGORITHMS.md E.6)"""
+    """EMA decay schedule of the old policy, indexed by optimizer step (docs/algorithms.md E.6)"""
     old_decay: float = 0.5
     """the old policy's maximum EMA decay"""
     old_flat_steps: int = 0
@@ -83,12 +83,13 @@ TINY = dict(gradient_steps_per_epoch=2, old_ramp_rate=0.1)  # --tiny: the old po
 
 # ALGO LOGIC: the NFT loss
 def optimality_weight(adv, adv_clip):
-    """r = clamp(A_c / C / 2 + 1/2, 0, 1) with A_c = clamp(A, -C, C) (ALGORITHMS.md E.2): -C -> 0, 0 -> 1/2, C -> 1."""
+    """r = clamp(A_c / C / 2 + 1/2, 0, 1) with A_c = clamp(A, -C, C) (docs/algorithms.md E.2): -C -> 0, 0 -> 1/2,
+    C -> 1."""
     return (adv.clamp(-adv_clip, adv_clip) / adv_clip / 2 + 0.5).clamp(0, 1)
 
 
 def nft_loss(v, v_old, x0, z_t, sigma, r, beta, adv_clip):
-    """L_NFT = C mean_b[(r L+ + (1 - r) L-) / beta] (ALGORITHMS.md E.3), with the implicit policies
+    """L_NFT = C mean_b[(r L+ + (1 - r) L-) / beta] (docs/algorithms.md E.3), with the implicit policies
     v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old - beta v, and the adaptive x0-space regression
     L = mean_d (x0_hat - x0)^2 / w, x0_hat = z_t - sigma v, w = max(mean_d |x0_hat - x0|, 1e-5) (fp64, detached)."""
     dims = tuple(range(1, x0.dim()))

@@ -61,8 +61,8 @@ ALL_MODELS = ("flux1", "flux1-kontext", "sd3_5:medium", "sd3_5:large", "z-image:
               "wan2_i2v:2.2-a14b")
 # the default models (the issue's GPU check) and their budgets in seconds (worker start, build, two epochs, floors):
 # they sum to the default --total-budget-s: with the machine's start (1-2 min), inside a 15-minute lease of one
-# H200 with minutes to spare. Measured there (GPU_MEASURED.md, 2026-12-04): FLUX.1 about 60 s, Qwen-Image about
-# 150 s (110 s was too short), SD3.5-M and Wan2.1-1.3B epochs of 3 s and 12 s
+# H200 with minutes to spare. Measured there on 2026-12-04 (the rows of bench/results/hardware.md): FLUX.1 about
+# 60 s, Qwen-Image about 150 s (110 s was too short), SD3.5-M and Wan2.1-1.3B epochs of 3 s and 12 s
 BUDGETS_S = {"flux1": 90, "sd3_5:medium": 70, "wan2_t2v:2.1-1.3b": 100, "qwen-image:2512": 220}
 OTHER_BUDGET_S = 300  # a model without an entry (--models all wants a larger --total-budget-s)
 TOTAL_BUDGET_S = 480
@@ -71,7 +71,8 @@ FLOOR_CALLS = 5  # timed calls per floor, after two warm-up calls
 
 @dataclasses.dataclass(frozen=True)
 class Peer:
-    """A published throughput and the grpo.py settings that reproduce its work per image (GPU_MEASURED.md 4)."""
+    """A published throughput and the grpo.py settings that reproduce its work per image (README.md, "Hardware
+    table")."""
     name: str
     images_per_gpu_s: float
     source: str
@@ -414,7 +415,7 @@ def write_peers(records, out_dir=RESULTS):
     """peers.md: each --peers record's samples per second beside the peer's published images per GPU per second."""
     lines = ["# Per GPU, at a peer's settings (bench/gpu.py --peers)", "",
              "Ours: one GPU, random full-size weights, 2 prompts x K samples, the second of two GRPO epochs; the "
-             "peers' figures are published ones (GPU_MEASURED.md section 4).", "",
+             "peers' figures are published ones (the peer column names each source).", "",
              "| model | settings | ours: GPU | ours images/s | peer | peer images/GPU/s | ours / peer | status |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:

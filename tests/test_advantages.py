@@ -1,4 +1,4 @@
-"""ALGORITHMS.md I.3 (advantages) and I.2-14/16 (PPO clip, KL), against fp64 formulas."""
+"""docs/algorithms.md I.3 (advantages, C.3) and I.2 (PPO clip and KL, C.4), against fp64 formulas."""
 import math
 
 import pytest

@@ -1,5 +1,5 @@
-"""ALGORITHMS.md I.2-15 (GRPO-Guard RatioNorm) and I.4-22..27 (NFT, AWM, time samplers, EMA, accumulation),
-against fp64 formulas written here from the document."""
+"""docs/algorithms.md I.2 (GRPO-Guard RatioNorm, D.2) and I.4 (NFT, AWM, time samplers, EMA, accumulation: E, F,
+G), against fp64 formulas written here from the document."""
 import math
 
 import pytest
@@ -160,7 +160,7 @@ def test_time_sampler_range_and_per_sample_draws(kind, rng):
 
 
 @pytest.mark.parametrize("kind, n, rng, bins", [
-    ("discrete", 4, (0.0, 0.5), [{0, 1}, {2, 3, 4}, {5, 6}, {7, 8, 9}]),  # ALGORITHMS.md E.5's NFT example
+    ("discrete", 4, (0.0, 0.5), [{0, 1}, {2, 3, 4}, {5, 6}, {7, 8, 9}]),  # the NFT example of docs/algorithms.md E.5
     ("discrete_wo_init", 6, (0.0, 0.9), [{1, 2}, {3, 4}, {5, 6}, {7, 8}, {9, 10}, {11, 12}]),  # and its AWM one
     ("discrete_with_init", 3, (0.0, 0.5), [{0}, {1, 2, 3, 4}, {5, 6, 7, 8, 9}]),
 ])

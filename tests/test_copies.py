@@ -1,4 +1,5 @@
-"""What the four scripts still share, kept from drifting (STYLE.md 2.4): the plumbing lives in common/ (Run), so a
+"""What the four scripts still share, kept from drifting (a copied script is only diff-friendly while its shared
+parts read the same, so drift is a test failure, not a silent cost): the plumbing lives in common/ (Run), so a
 script is its algorithm plus a skeleton that must read the same in all four:
 
 - the phases of `main`'s epoch loop, in order, under the same `# ---- NAME ----` banners;
@@ -12,9 +13,11 @@ import os
 
 import pytest
 
+from tests.helpers import SCRIPTS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = "grpo.py"
-COPIES = ("grpo_guard.py", "nft.py", "awm.py")
+COPIES = tuple(f"{s}.py" for s in SCRIPTS)  # every algorithm script but the reference, found by tests.helpers
 SKELETON = ("Run", "start", "epochs", "rollout", "advantages", "train_batches", "accumulate", "backward", "end_epoch",
             "finish")
 

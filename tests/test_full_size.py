@@ -53,8 +53,8 @@ TRANSFORMERS = {
     ("qwen-image-edit-plus", "2511"): (20.4 * B, "Qwen-Image-Edit: Qwen-Image's transformer (zero_cond_t adds none)"),
     ("qwen-image-edit-plus", "2509"): (20.4 * B, "Qwen-Image-Edit: Qwen-Image's transformer"),
     ("flux2", None): (32 * B, "FLUX.2-dev, ~32B (card)"),
-    # explicit: the "4B" of the name is 3.1% above the count of the MODELS.md 3.8 config (5 double + 20 single blocks
-    # of 3072); no exact published count on disk. 9B: the name is within 1% (9.08B)
+    # explicit: the "4B" of the name is 3.1% above the count of the docs/models.md 3.8 config (5 double + 20 single
+    # blocks of 3072); no exact published count on disk. 9B: the name is within 1% (9.08B)
     ("flux2-klein", "4b"): (3_875_544_576, "FLUX.2-klein-4B, named 4B (rounded; exact count not published here)"),
     ("flux2-klein", "base-4b"): (3_875_544_576, "FLUX.2-klein-base-4B: 4B's architecture"),
     ("flux2-klein", "9b"): (9 * B, "FLUX.2-klein-9B, named 9B"),
@@ -156,7 +156,7 @@ def test_wan_i2v_counts_from_the_t2v_backbone():
 
 
 # ---- LoRA targets at full depth -------------------------------------------------------------------------------------
-# modules per block x blocks, counted from the architectures (MODELS.md 4), not from the matching code
+# modules per block x blocks, counted from the architectures (docs/models.md 4), not from the matching code
 LORA = {
     # 19 double blocks: q, k, v, out, add_q, add_k, add_v, add_out, 2 x 2 FFN layers; 38 single blocks: q, k, v
     "flux1": 19 * 12 + 38 * 3, "flux1-kontext": 19 * 12 + 38 * 3,

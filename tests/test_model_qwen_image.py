@@ -12,7 +12,7 @@ from common.models.qwen_image import QwenImageEditPlusAdapter
 
 PROMPTS, NEG = ["a red cat on a mat", "a dog"], [" ", "blurry"]  # different lengths: the padded, masked path
 EDITS = ["make the cat blue", "add a hat"]
-# small stand-ins for the edit pipeline's 1024^2 VAE and 384^2 VL-encoder areas (MODELS.md 3.6)
+# small stand-ins for the edit pipeline's 1024^2 VAE and 384^2 VL-encoder areas (docs/models.md 3.6)
 VAE_AREA, VL_AREA = 64 * 64, 56 * 56
 
 
@@ -114,7 +114,7 @@ def test_condition_max_pixels_sets_the_vae_area(edit):
 
 @pytest.mark.parametrize("name", ["qwen-image", "qwen-image-edit-plus"])
 def test_lora_targets_checked(name):
-    assert models.load(name, tiny=True).add_lora(4, 8) == 24  # 12 per block, 2 blocks (MODELS.md section 4)
+    assert models.load(name, tiny=True).add_lora(4, 8) == 24  # 12 per block, 2 blocks (docs/models.md section 4)
     with pytest.raises(ModelError, match="matches no module"):
         models.load(name, tiny=True).add_lora(4, 8, ["attn.to_q", "img_mlp.net.2.proj"])
 

@@ -34,7 +34,7 @@ def test_ode_rollout_equals_pipeline(sd3, guidance, neg, pipe_neg):
                    max_sequence_length=32).images
     assert ours.shape == (2, 3, 64, 64) and 0 <= ours.min() and ours.max() <= 1
     assert (ours - ref).abs().max() < 1e-5
-    # the schedule is the pipeline scheduler's own grid, not linspace(1, 1/N, N) (MODELS.md pitfall 9)
+    # the schedule is the pipeline scheduler's own grid, not linspace(1, 1/N, N) (docs/models.md 3.3)
     torch.testing.assert_close(sig, sd3.pipe.scheduler.sigmas.float(), rtol=0, atol=1e-7)
     torch.testing.assert_close(sig, torch.tensor([1.0, 0.8577, 0.6022, 0.0089, 0.0]), rtol=0, atol=1e-4)
 

@@ -106,7 +106,7 @@ def test_sigmas_are_the_unipc_grid(wan):
         s = np.linspace(1, 1 / 1000, n + 1)[:-1]  # independent formula
         want = np.append(shift * s / (1 + (shift - 1) * s), 0.0)
         np.testing.assert_allclose(sig.numpy(), want, rtol=0, atol=1e-7)
-    if shift == 3.0:  # MODELS.md 1: S=3, N=4
+    if shift == 3.0:  # docs/models.md 3.9: S=3, N=4
         np.testing.assert_allclose(wan.sigmas(4, state).numpy(), [1, 0.900, 0.750, 0.501, 0], atol=1e-3)
 
 
@@ -182,7 +182,7 @@ def _perturbed_lora(a):
 def test_saved_lora_loads_into_the_stock_pipeline(cls, variant, tmp_path):
     trained = _load(cls, variant)
     experts = 2 if trained.two_experts else 1
-    assert _perturbed_lora(trained) == 20 * experts  # MODELS.md 4: 20 per expert
+    assert _perturbed_lora(trained) == 20 * experts  # docs/models.md 4: 20 per expert
     trained.save_lora(str(tmp_path))
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "transformer_2/pytorch_lora_weights.safetensors").is_file() == trained.two_experts
@@ -297,7 +297,7 @@ def test_check_size_and_expert_steps_without_loading(tmp_path):
     WanI2VAdapter.check_size(64, 64, 1, "2.1-14b-480p")
     with pytest.raises(ModelError, match="no variant"):
         WanT2VAdapter.check_size(64, 64, 5, "2.2-i2v")
-    # VIDEO.md: shift 3, boundary 0.875, 10 steps -> steps 0-3 high noise; I2V boundary 0.9, 8 steps -> 0-2
+    # docs/video.md: shift 3, boundary 0.875, 10 steps -> steps 0-3 high noise; I2V boundary 0.9, 8 steps -> 0-2
     assert WanT2VAdapter.expert_steps("2.2-a14b", 10) == {"transformer": [0, 1, 2, 3],
                                                           "transformer_2": [4, 5, 6, 7, 8, 9]}
     assert WanI2VAdapter.expert_steps("2.2-a14b", 8)["transformer"] == [0, 1, 2]

@@ -42,7 +42,7 @@ def test_non_multiple_resolution_is_an_error(flux):
 
 def test_lora_targets_checked():
     a = models.load("flux1", tiny=True)
-    assert a.add_lora(4, 8) == 15  # 1 double + 1 single block (MODELS.md section 4)
+    assert a.add_lora(4, 8) == 15  # 1 double + 1 single block (docs/models.md section 4)
     b = models.load("flux1", tiny=True)
     with pytest.raises(ModelError, match="matches no module"):
         b.add_lora(4, 8, ["attn.to_q", "attn.not_a_layer"])

@@ -1,4 +1,4 @@
-"""ALGORITHMS.md I.1 (schedules and steps) and I.2 (log-probs), against independent fp64 formulas."""
+"""docs/algorithms.md I.1 (schedules and steps) and I.2 (log-probs), against independent fp64 formulas."""
 import math
 
 import numpy as np
@@ -11,7 +11,7 @@ DYN = ["Flow-SDE", "Dance-SDE", "CPS"]
 
 
 def ref_mean_std(z, v, s, sn, eta, dyn, s1):
-    """fp64 reference written straight from ALGORITHMS.md B.2-B.4."""
+    """fp64 reference written straight from docs/algorithms.md B.2-B.4."""
     z, v = z.double(), v.double()
     dt = sn - s
     if dyn == "CPS":
