@@ -103,6 +103,11 @@ def fixtures(tmp):
     f["lock_dir"] = os.path.join(tmp, "lock_dir")
     os.makedirs(os.path.join(f["lock_dir"], ".run.lock"))
     f["nan_out"] = os.path.join(tmp, "nan_out")
+    # issue 30: --config files with a key of another script, a value of the wrong type
+    f["config_other"] = os.path.join(tmp, "other.yaml")
+    open(f["config_other"], "w").write("model: flux1\ntiny: true\nnft_beta: 0.5\n")
+    f["config_type"] = os.path.join(tmp, "type.json")
+    open(f["config_type"], "w").write('{"model": "flux1", "learning_rate": "fast"}')
     # issue 21: a folder another run is writing to (a process holding its lock), a reward URL answering HTML
     f["procs"] = []
     f["locked"] = os.path.join(tmp, "locked")
@@ -304,6 +309,8 @@ def cases(f):
          f["model_dir"]),
         ("fresh run into a model folder", ["grpo.py", *TINY, "--output-dir", f["model_dir"]], f["model_dir"]),
         ("lock file that is a folder", ["grpo.py", *TINY, "--output-dir", f["lock_dir"]], f["lock_dir"]),
+        ("--config with a key of another script", g + ["--config", f["config_other"]], out),
+        ("--config with a value of the wrong type", g + ["--config", f["config_type"]], out),
         ("training that goes non-finite (--learning-rate 1e30)", ["grpo.py", *TINY, "--num-epochs", "2",
                                                                    "--output-dir", f["nan_out"], "--learning-rate",
                                                                    "1e30"], os.path.join(f["nan_out"], "lora")),

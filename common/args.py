@@ -27,6 +27,9 @@ class RunArgs:
     """'latest' (the newest good checkpoint; none yet: start fresh) or a checkpoint folder to resume from exactly"""
     overwrite: bool = False
     """start fresh in an --output-dir that holds another run's checkpoints, removing that run's outputs"""
+    config: str | None = None
+    """a YAML or JSON file of flags (a run's own config.json included): its values replace the defaults and
+    presets, and flags given on the command line override them (common/cli.py)"""
     # Model
     model: str = "shapes"
     """shapes (the embedded FLUX.1-architecture model, CPU), flux1, flux1-kontext, sd3_5, z-image, qwen-image,

@@ -129,7 +129,7 @@ def check_expert_reach(args, adapter_cls, steps=None, sigma_range=None, time_sam
 # flags that define the trained weights: a resume with another value would load weights of another shape or meaning
 DEFINE_WEIGHTS = ("model", "model_path", "variant", "tiny", "train_experts", "finetune", "lora_rank", "lora_alpha",
                   "lora_targets")
-NOT_COMPARED = ("resume_from", "overwrite", "plan", "output_dir", "log_with", "exp_name")
+NOT_COMPARED = ("resume_from", "overwrite", "plan", "output_dir", "log_with", "exp_name", "config")
 
 
 def resume_changes(args, resume) -> dict:
