@@ -1,8 +1,8 @@
 """Wrong inputs, measured from outside: each case is the real command line (tiny models, a subprocess), judged by
 what a user sees: exit code != 0, stderr exactly one non-empty line and it starts with `error:` (no traceback, no
-multi-line box; a run stopped in training: its last line, and no traceback), and the output folder unchanged
-(absent, or the same files with the same bytes; training gone NaN: no lora/ exported). Prints a
-markdown table and the count; exits 1 if any case fails.
+multi-line box; tqdm's redraws of its bars, which a run stopped in training drew first, are not counted), and the
+output folder unchanged (absent, or the same files with the same bytes; training gone NaN: no lora/ exported).
+Prints a markdown table and the count; exits 1 if any case fails.
 
     python bench/bad_inputs.py              # every case, 2 at a time
     python bench/bad_inputs.py -k resume    # the cases whose name contains "resume" (-k again: or another)
@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+from faults import user_lines  # noqa: E402 (bench/, beside this file)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -354,9 +356,7 @@ def cases(f):
 def judge(name, argv, watch):
     before = snapshot(watch) if watch else None
     r = run(argv)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    if "goes non-finite" in name:  # stopped in training: the progress bars came first, the error line is the last
-        lines = lines[-1:] if "Traceback" not in r.stderr else lines
+    lines = user_lines(r.stderr)  # a run stopped in training drew progress bars first: they are not lines read
     one_line = len(lines) == 1 and lines[0].startswith("error:")
     unchanged = watch is None or snapshot(watch) == before
     return dict(name=name, rc=r.returncode, one_line=one_line, unchanged=unchanged,

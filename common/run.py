@@ -215,13 +215,8 @@ class Run:
             resumed.append({"epoch": self.start_epoch, "checkpoint": self.resume,
                             "changed": {k: list(v) for k, v in self.resume_changes.items()}})
         config = {**dataclasses.asdict(self.args), **({"resumed": resumed} if resumed else {})}
-        try:
-            with writing("the run's config", path), open(path + ".tmp", "w") as f:  # whole, then renamed: never torn
-                json.dump(config, f, indent=1)
-            os.replace(path + ".tmp", path)
-        finally:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
+        with writing("the run's config", path), tracking.atomic_path(path) as tmp, open(tmp, "w") as f:
+            json.dump(config, f, indent=1)  # written whole, then renamed: never torn
 
     def epochs(self):
         """The epochs left to train, under the whole run's progress bar (with its estimate)."""

@@ -165,7 +165,7 @@ def test_a_torn_config_json_does_not_stop_a_resume(tmp_path, capsys):
     assert "is not a run's config (empty or torn); written anew" in capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["num_epochs"] == 2 and config["resumed"][0]["epoch"] == 1
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".tmp-*"))
 
 
 # ---- the lock, signals -----------------------------------------------------------------------------------------------
