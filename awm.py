@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from common import checks, plan, sampler, timesteps
+from common import checks, plan, timesteps
 from common.args import RunArgs
 from common.cli import parse_with_presets
 from common.ema import EMA, Schedule
@@ -66,7 +66,7 @@ class Args(RunArgs):  # the flags every script shares: common/args.py
 # each model's sampling settings are its adapter's `preset` (FLUX.1-dev's: the Args defaults); these add AWM's
 # (FLUX.1-dev LoRA: ODE rollouts, T=4 discrete timesteps in the noisier 70%, ghuber 0.25, EMA-KL 0.1)
 PRESETS = {
-    # AWM on the shapes world with the rule-checked reward, on a CPU (README)
+    # AWM on the shapes world with the rule-checked reward, on a CPU (docs/shapes.md)
     "shapes": dict(num_train_timesteps=4, timestep_range=(0.0, 0.9), num_epochs=30, eval_every=30, save_every=30),
     "flux1-kontext": dict(resolution=384),
     "sd3_5": dict(gradient_steps_per_epoch=1, num_steps=14, guidance_scale=1.0, num_train_timesteps=6,
@@ -125,8 +125,7 @@ def main(args: Args):
 
     for epoch in run.epochs():
         # ---- SAMPLING ----
-        window = sampler.draw_sde_window(args.num_steps, args.sde_window_size, *args.sde_window_range,
-                                         seed=args.seed * 100_003 + epoch) if args.dynamics != "ODE" else []
+        window = run.sde_window(epoch)
         samples = run.rollout(epoch, window, store=("x0",))  # only the final latent x0
 
         # ---- ADVANTAGES ----
@@ -137,11 +136,10 @@ def main(args: Args):
         epoch_start, start = run.global_step, EMA(run.params.values())  # theta, never stepped: the ratio's old policy
         for inner, b, s in run.train_batches(samples, epoch):
             x0, adv = s["x0"].float(), s["adv"] / args.adv_clip  # clamp(A, -5, 5) / 5
-            gen = torch.Generator().manual_seed(  # T sigmas per sample, fresh noise per (sample, timestep)
-                args.seed * 7_000_003 + epoch * 10_007 + inner * 1009 + run.rank * run.n_batches + b)
-            sig = timesteps.sample_sigmas(args.time_sampler, n_train, len(x0), sigmas, args.timestep_range,
-                                          args.time_shift, generator=gen).to(run.device)
-            eps = torch.randn((n_train, *x0.shape), generator=gen).to(run.device)
+            gens = [run.generator("train", epoch, inner, g, m) for g, m in zip(s["group"], s["member"])]
+            sig, eps = timesteps.sigmas_and_noise(args.time_sampler, n_train, x0.shape[1:], sigmas,  # T per sample,
+                                                  args.timestep_range, args.time_shift, gens)  # fresh noise each
+            sig, eps = sig.to(run.device), eps.to(run.device)
             z_t = torch.lerp(x0, eps, sig.view(*sig.shape, *[1] * (x0.dim() - 1)))  # (1 - sigma) x0 + sigma eps
             v_old, v_ema = [None] * n_train, [None] * n_train
             with torch.no_grad(), run.autocast():  # swapped weights before the backward; CFG-free

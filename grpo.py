@@ -46,7 +46,7 @@ class Args(RunArgs):  # the flags every script shares: common/args.py
 
 # each model's sampling settings are its adapter's `preset` (FLUX.1-dev's: the Args defaults); these add GRPO's
 PRESETS = {
-    # the embedded default: GRPO on the shapes world with the rule-checked reward, on a CPU (README)
+    # the embedded default: GRPO on the shapes world with the rule-checked reward, on a CPU (docs/shapes.md)
     "shapes": dict(sde_window_size=2, sde_window_range=(0, 6), noise_level=0.8, clip_range=1e-3, num_epochs=200,
                    eval_every=50, save_every=50),
     "flux1-kontext": dict(resolution=384, noise_level=0.9),
@@ -100,8 +100,7 @@ def main(args: Args):
 
     for epoch in run.epochs():
         # ---- SAMPLING ----
-        window = sampler.draw_sde_window(args.num_steps, args.sde_window_size, *args.sde_window_range,
-                                         seed=args.seed * 100_003 + epoch)
+        window = run.sde_window(epoch)
         samples = run.rollout(epoch, window, store=("latents", "log_probs"))
 
         # ---- ADVANTAGES ----

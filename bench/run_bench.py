@@ -1,9 +1,9 @@
-"""The four algorithms on the embedded shapes world with equal budgets: same base model, prompts, images per
+"""The eight algorithms on the embedded shapes world with equal budgets: same base model, prompts, images per
 epoch (8 prompts x 8 images, balanced over the categories) and number of epochs; several training seeds each.
 Writes a table (markdown and JSON) and a plot of held-out reward and strict accuracy against training
 wall-clock seconds and against the number of generated images.
 
-    python bench/run_bench.py                                  # 4 algorithms x seeds 42 1 2, 100 epochs (~90 min, 2 CPU cores)
+    python bench/run_bench.py                                  # 8 algorithms x seeds 42 1 2, 100 epochs (~3 h, 2 CPU cores)
     python bench/run_bench.py --jobs 2                         # two runs at once, 1 thread each
     python bench/run_bench.py --algorithms grpo nft --seeds 42 --num-epochs 20
     python bench/run_bench.py --summarize-only                 # redo table and plot from finished runs
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALGORITHMS = ("grpo", "grpo_guard", "nft", "awm")
+ALGORITHMS = ("grpo", "grpo_guard", "nft", "awm", "dppo", "dpo", "dgpo", "crd")
 
 
 def run_dir(out, algo, seed):

@@ -60,7 +60,7 @@ class RunArgs:
     """diffusers attention backend, e.g. flash, _native_cudnn, sage (if unset: torch SDPA; on CUDA without cuDNN's
     kernel, whose backward crashes FLUX.1 training)"""
     fsdp: bool = False
-    """shard the trained transformer(s) over the processes of `accelerate launch` with torch FSDP2 (README)"""
+    """shard the trained transformer(s) over the processes of `accelerate launch` with torch FSDP2 (docs/scale.md)"""
     plan: bool = False
     """print the run's memory plan per process (1 GPU and FSDP over 8; no weights load) and exit"""
     compile: Literal["none", "blocks", "full"] = "none"

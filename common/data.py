@@ -347,6 +347,16 @@ class EpochPlan:
         n = len(self.items) // world
         return self.items[rank * n:(rank + 1) * n], self.groups[rank * n:(rank + 1) * n]
 
+    def members(self) -> list[int]:
+        """Each sample's index within its group (0..K-1), counted in the plan's global order: a sample's identity
+        (group, member) is the same whatever the process count and batch sizes."""
+        seen = {}
+        out = []
+        for g in self.groups:
+            out.append(seen.get(g, 0))
+            seen[g] = out[-1] + 1
+        return out
+
 
 class GroupSampler:
     """M prompts x K copies per epoch, the same on every rank (shared seed), shuffled so groups span ranks; or, for

@@ -21,7 +21,7 @@ def ema_decay(schedule: str, step: int, decay: float, warmup_steps: int = 10, in
     if schedule == "linear":
         return initial_decay + (decay - initial_decay) * min(step / max(warmup_steps, 1), 1.0)
     if schedule == "piecewise_linear":
-        return 0.0 if step < flat_steps else min((step - flat_steps) * ramp_rate, decay)
+        return initial_decay if step < flat_steps else min(initial_decay + (step - flat_steps) * ramp_rate, decay)
     if schedule == "cosine":
         return initial_decay + (decay - initial_decay) * (1 - math.cos(math.pi * min(step / total_steps, 1.0))) / 2
     if schedule == "warmup_cosine":

@@ -13,7 +13,7 @@ from common.errors import USER_ERRORS
 def set_cpu_threads(world_size, threads=0):
     """On a CPU without OMP_NUM_THREADS: `threads` torch threads (--cpu-threads), or if 0 the cores this process may
     use / the processes of this machine (torch's own default gives every process every core, which oversubscribes
-    under accelerate launch). OMP_NUM_THREADS=N overrides both; on a busy machine 1 is much faster (README)."""
+    under accelerate launch). OMP_NUM_THREADS=N overrides both; on a busy machine 1 is much faster (docs/scale.md#threads)."""
     import torch
     if "OMP_NUM_THREADS" in os.environ:
         return

@@ -237,13 +237,15 @@ class Run:
     def rollout(self, epoch, sde_window, store=("latents", "log_probs")) -> list[dict]:
         """This process's samples of the epoch, one dict per training micro-batch: its conditioning ("cond"), its
         reward "scores" (a future under --async-rewards), each row's identity ("item": its dataset row, "group": its
-        group's index in the epoch, the same on every process; tuples of ints) and what `store` names: "latents"
+        group's index in the epoch, "member": its index in the group; tuples of ints, the same on any layout) and what `store` names: "latents"
         (the SDE window's, by position), "log_probs" and "means" (per window step), "x0" (the final latents). Noise is
         seeded per global micro-batch, so a wide rollout (--rollout-batch-size) draws what narrow ones would."""
         args, acc = self.args, self.accelerator
         if set(store) - STORABLE:
             raise ValueError(f"run.rollout stores {sorted(STORABLE)}, not {sorted(set(store) - STORABLE)}")
         samples, batches = [], self.groups.local_batches(epoch, self.rank)
+        plan = self.groups.plan(epoch)  # each row's identity: dataset row, group, member (the same on every layout)
+        identity = [data.local_slice(v, self.rank, self.world) for v in (plan.items, plan.groups, plan.members())]
         merged_ok = not {"log_probs", "means"} & set(store)  # GRPO's log-probabilities are the unmerged policy's
         self.adapter.transformer.eval()
         per = (args.rollout_batch_size or args.batch_size) // args.batch_size  # micro-batches per rollout forward
@@ -265,11 +267,12 @@ class Run:
             with self.timer("decode"), self.autocast():  # after the denoising loop; VAE memory as at --batch-size
                 images = torch.cat([self.adapter.decode(traj.final[r], self.state, self.adapter.select(cond, r))
                                     for r in sampler.micro_batches(len(items), args.batch_size)])
-            rows_of = [(i, g) for idx, groups in chunk for i, g in zip(idx, groups)]  # (dataset row, epoch group)
             for b, rows in enumerate(sampler.micro_batches(len(items), args.batch_size), start=c):
                 s = self._sample(epoch, b, items[rows], images[rows], self.adapter.select(cond, rows), traj.rows(rows),
                                  store)
-                s["item"], s["group"] = zip(*rows_of[rows])  # plain ints: nothing to move to the device
+                first = b * args.batch_size  # this micro-batch's first row among the process's rows of the epoch
+                s["item"], s["group"], s["member"] = (tuple(v[first:first + len(items[rows])])
+                                                      for v in identity)  # plain ints: nothing moved to the device
                 samples.append(s)
         self.stop_if_asked(epoch - 1)  # a signal during the rollout: the weights are still epoch - 1's
         return samples
@@ -316,10 +319,52 @@ class Run:
                 s["adv"] = a
         return raw, adv
 
+    def by_group(self, samples, keys) -> list[dict]:
+        """The process's samples regrouped: one dict per group, in the order the groups first appear, holding
+        "group", "item" (its dataset row) and, for each of `keys` (per-row tensors such as "x0", "adv"), its K
+        members' rows stacked in member order. Needs whole groups on the process (Run(..., whole_groups=True))."""
+        rows = {}  # group -> {member: (sample index, row)}
+        for i, s in enumerate(samples):
+            for r, (g, m) in enumerate(zip(s["group"], s["member"])):
+                rows.setdefault(g, {})[m] = (i, r, s["item"][r])
+        out = []
+        for g, members in rows.items():
+            if len(members) != self.args.group_size:
+                raise ValueError(f"group {g} has {len(members)} of {self.args.group_size} members on process "
+                                 f"{self.rank}: build the Run with whole_groups=True to compare a group's members")
+            order = [members[m] for m in range(len(members))]
+            out.append({"group": g, "item": order[0][2],
+                        **{k: torch.stack([samples[i][k][r] for i, r, _ in order]) for k in keys}})
+        return out
+
+    def gather(self, samples, key) -> torch.Tensor:
+        """Every process's rows of a per-row tensor (e.g. "adv", "x0"), in the plan's global order: row n is the
+        sample of group `run.groups.plan(epoch).groups[n]`. The way to see whole groups without whole_groups."""
+        return self.accelerator.gather(torch.cat([s[key] for s in samples]).to(self.device))
+
+    def sde_window(self, epoch) -> list[int]:
+        """The epoch's stochastic rollout steps (decision 2): --sde-window-size consecutive steps, the start drawn in
+        --sde-window-range from the seed and the epoch alone; none for ODE rollouts."""
+        args = self.args
+        if args.dynamics == "ODE":
+            return []
+        return sampler.draw_sde_window(args.num_steps, args.sde_window_size, *args.sde_window_range,
+                                       seed=args.seed * 100_003 + epoch)
+
+    def generator(self, *key) -> torch.Generator:
+        """A CPU generator for the draws of what `key` names, e.g. ("noise", epoch, inner, group, member, timestep):
+        seeded by --seed and the key, not by process or batch, so a layout change moves no number."""
+        return sampler.keyed_generator(self.args.seed, *key)
+
+    def encode(self, items) -> dict:
+        """The conditioning of dataset rows (indices into the training rows; prompts encoded once at start)."""
+        return self.conditioning.encode([self.train_items[i] for i in items], self.state)
+
     # ---- training ---------------------------------------------------------------------------------------------------
     def train_batches(self, samples, epoch):
         """(inner epoch, batch index, sample on the device) over --num-inner-epochs passes: the first keeps the
-        rollout's order (its first micro-batch is exactly on-policy), later ones are shuffled by seed."""
+        rollout's order (its first micro-batch is exactly on-policy), later ones are shuffled by seed. `samples`: the
+        rollout's, or any list of dicts of tensors an algorithm builds from them (pairs, groups)."""
         self.adapter.transformer.train()
         self._micro = 0
         for p in self.params.values():  # an epoch starts from no gradient, whatever came before

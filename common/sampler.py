@@ -6,6 +6,7 @@ velocity v ~ eps - x0, steps go from sigma to sigma_next < sigma. All math runs 
 latent is rounded to the storage dtype *before* its log-prob is taken, so training, which reloads the
 stored latent, sees exactly the tensor the rollout scored (on-policy ratio == 1).
 """
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -182,6 +183,13 @@ def rollout(predict, z, sigmas, sde_steps=(), eta=0.0, dynamics="ODE", keep=None
         traj.latents[len(sigmas) - 1] = z.to(storage_dtype)
     traj.final = z
     return traj
+
+
+def keyed_generator(*key) -> torch.Generator:
+    """A CPU generator seeded by what a draw belongs to (ints and strings, e.g. ("train", seed, epoch, inner, group,
+    member)), never by where it runs: the same key draws the same numbers on any process, batch and layout."""
+    digest = hashlib.blake2b(repr(tuple(key)).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)  # 63 bits: a valid seed
 
 
 def to_device(obj, device):

@@ -89,3 +89,12 @@ def sample_sigmas(kind: str, n: int, batch: int, sigmas, timestep_range=(0.0, 1.
     if kind == "logit_normal":
         x = x.clamp(0.01, 1 - 1e-6)
     return ((1 - hi) + x * (hi - lo)).float()  # position x in [0, 1] along sigma in [1 - hi, 1 - lo]
+
+
+def sigmas_and_noise(kind: str, n: int, shape, sigmas, timestep_range, shift: float, generators):
+    """Training draws of B samples, one generator each (Run.generator, keyed by the sample): (n, B) sigmas as
+    sample_sigmas draws them and (n, B, *shape) Gaussian noise, both on the CPU; a sample's draws do not depend on
+    the batch it sits in."""
+    sig = torch.cat([sample_sigmas(kind, n, 1, sigmas, timestep_range, shift, generator=g) for g in generators], 1)
+    eps = torch.stack([torch.randn((n, *shape), generator=g) for g in generators], 1)
+    return sig, eps

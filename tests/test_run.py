@@ -186,3 +186,57 @@ def test_each_sample_carries_its_row_and_group(tmp_path):
     assert sorted(set(groups)) == list(range(4))
     plan = run.groups.local_batches(0, 0)
     assert items == [i for idx, _ in plan for i in idx] and groups == [g for _, gs in plan for g in gs]
+
+
+def test_members_by_group_and_gather(tmp_path):
+    """Each row's member index counts its group's copies in the plan's global order (the same under any layout);
+    run.by_group stacks a process's whole groups in member order; run.gather returns the rows in the plan's order."""
+    from common.data import GroupSampler
+    plan = GroupSampler(10, 4, 4, 1, 2, seed=7).plan(3)
+    want = []
+    for g in plan.groups:  # independent count
+        want.append(sum(1 for h in plan.groups[:len(want)] if h == g))
+    assert plan.members() == want and sorted(plan.members()) == sorted([0, 1, 2, 3] * 4)
+    run = Run(tiny_args("nft", tmp_path / "r", "--batch-size", "2"), "nft.py", whole_groups=True)
+    samples = run.rollout(0, [], store=("x0",))
+    members = [(g, m) for s in samples for g, m in zip(s["group"], s["member"])]
+    assert sorted(members) == sorted((g, m) for g in range(4) for m in range(4))
+    for s in samples:
+        s["adv"] = torch.arange(len(s["x0"]), dtype=torch.float32) + 10 * torch.tensor(s["group"]) \
+            + 100 * torch.tensor(s["member"])  # the row's identity, readable after regrouping
+    groups = run.by_group(samples, ("x0", "adv"))
+    assert [g["group"] for g in groups] == list(dict.fromkeys(g for s in samples for g in s["group"]))
+    for g in groups:
+        assert ((g["adv"] % 100 // 10) == g["group"]).all() and (g["adv"] // 100 == torch.arange(4)).all()
+        for m in range(4):  # the stacked x0 rows are the members' own
+            i, r = next((i, r) for i, s in enumerate(samples) for r, (gg, mm) in enumerate(zip(s["group"], s["member"]))
+                        if (gg, mm) == (g["group"], m))
+            assert torch.equal(g["x0"][m], samples[i]["x0"][r]) and g["item"] == samples[i]["item"][r]
+    assert torch.equal(run.gather(samples, "adv"), torch.cat([s["adv"] for s in samples]))  # 1 process: as is
+    cond = run.encode([groups[0]["item"]] * 2)
+    want = run.conditioning.encode([run.train_items[groups[0]["item"]]] * 2, run.state)
+    assert all(torch.equal(cond[k], want[k]) for k in want if torch.is_tensor(want[k]))
+    shuffled = Run(tiny_args("nft", tmp_path / "s", "--batch-size", "2"), "nft.py")  # groups spread over batches
+    with pytest.raises(ValueError, match="whole_groups=True"):
+        shuffled.by_group(shuffled.rollout(0, [], store=("x0",))[:2], ("x0",))
+
+
+def test_keyed_draws_depend_on_the_key_only():
+    """run.generator / sampler.keyed_generator: the same key draws the same numbers wherever it is made; another key
+    (or seed) draws others; per-sample training draws do not depend on the batch a sample sits in."""
+    from common import sampler, timesteps
+    a, b = sampler.keyed_generator(42, "train", 3, 0, 5, 1), sampler.keyed_generator(42, "train", 3, 0, 5, 1)
+    assert torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+    others = [(43, "train", 3, 0, 5, 1), (42, "train", 3, 0, 1, 5), (42, "dpo", 3, 0, 5, 1), (42, "train", 3, 0, 5)]
+    draws = {tuple(torch.randn(4, generator=sampler.keyed_generator(*k)).tolist()) for k in others}
+    assert len(draws) == len(others) and tuple(torch.randn(4, generator=sampler.keyed_generator(
+        42, "train", 3, 0, 5, 1)).tolist()) not in draws
+    sig = torch.linspace(1, 0, 9)
+    keys = [(42, "t", g, m) for g in range(3) for m in range(2)]
+    whole = timesteps.sigmas_and_noise("discrete", 2, (3, 4), sig, (0.0, 0.9), 1.0,
+                                       [sampler.keyed_generator(*k) for k in keys])
+    parts = [timesteps.sigmas_and_noise("discrete", 2, (3, 4), sig, (0.0, 0.9), 1.0,
+                                        [sampler.keyed_generator(*k) for k in keys[i:i + 2]]) for i in (4, 0, 2)]
+    assert whole[0].shape == (2, 6) and whole[1].shape == (2, 6, 3, 4)
+    for n, i in enumerate((4, 0, 2)):  # the same samples in other batches, in another order
+        assert torch.equal(parts[n][0], whole[0][:, i:i + 2]) and torch.equal(parts[n][1], whole[1][:, i:i + 2])
