@@ -7,7 +7,7 @@ Three stages, deterministic by seed (python scripts/pretrain_shapes.py --help; a
           on frozen random CLIP/T5 text encoders (word-level tokenizers built in code), with 10% condition
           dropout (empty prompt) so that true CFG works; constant learning rate; saves <work>/flow.
   anneal  from the flow stage's EMA weights: a fresh optimizer, new renders (seed + 1) and a learning rate
-          that decays to 0. Stopped short of perfect on purpose (README, issue 3).
+          that decays to 0. Stopped short of perfect on purpose (docs/shapes.md, issue 3).
 The result is saved with FluxPipeline.save_pretrained and loads through the ordinary flux1 adapter:
     python grpo.py --model flux1 --model-path models/shapes-flux
 """

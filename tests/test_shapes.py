@@ -81,8 +81,8 @@ def test_shipped_model_size_and_format():
     assert not weights, weights  # safetensors only
 
 
-# ---- the shipped model and GRPO on it (numbers: README "The embedded default") ----
-BASE_STRICT = 0.183  # README table: base strict accuracy, 480 test prompts, eval seed 10000
+# ---- the shipped model and GRPO on it (numbers: docs/shapes.md) ----
+BASE_STRICT = 0.183  # docs/shapes.md table: base strict accuracy, 480 test prompts, eval seed 10000
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +114,7 @@ def test_shipped_model_loads_through_flux1_adapter_and_matches_readme(tmp_path):
 
 # Each algorithm's learning on the shapes world: its `shapes` preset (8 prompts x 8 images per epoch, held-in
 # prompts) for EPOCHS[script] epochs, evaluated on 120 held-out prompts with fixed noise (the same noise before
-# and after, so the gain is a paired difference). The benchmark (bench/run_bench.py, README "Comparing the
+# and after, so the gain is a paired difference). The benchmark (bench/run_bench.py, docs/bench.md "Comparing the
 # algorithms") measured these dense-reward gains after that many epochs with training seeds 42, 1, 2: the
 # run-to-run spread is up to 0.08 (GRPO-Guard), and each margin is below every measured run. NFT needs 20 epochs
 # (after 10: +0.046 with seed 42); GRPO the most (after 30 epochs seed 1 was at -0.021).
