@@ -1,7 +1,8 @@
 # The two commands, each doing its own set-up on a fresh clone:
 #   make run    the main job (GRPO on the embedded shapes world, CPU, no downloads)
 #   make test   the test suite (what CI runs)
-# The virtual environment is created and filled on first use, and again only when requirements.txt changes.
+# The virtual environment is created and filled on first use, and again only when requirements.txt changes; `make test`
+# also installs the optional rewards' packages (requirements-extras.txt), which their tests use for real.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch: with a visible NVIDIA GPU (nvidia-smi -L lists one) the package index's default build (CUDA); else
@@ -15,7 +16,7 @@ TORCH_INDEX ?=
 run: $(VENV)/.installed
 	$(PY) grpo.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.extras
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 $(VENV)/.installed: requirements.txt
@@ -23,4 +24,8 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
 	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.extras: requirements-extras.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-extras.txt
 	touch $@

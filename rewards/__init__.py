@@ -28,6 +28,7 @@ REGISTRY = {
     "pickscore_rank": "rewards.pickscore:PickScoreRank",
     "clip": "rewards.clip_score:ClipScore",
     "shapes": "rewards.shapes:ShapesReward",
+    "ocr": "rewards.ocr:OcrReward",
 }
 
 

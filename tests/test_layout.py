@@ -102,8 +102,12 @@ def test_common_has_no_import_circle():
 
 
 def test_rewards_import_nothing_from_common():
-    offenders = {m: sorted(d for d in deps if d.startswith("common")) for m, deps in _imports("rewards").items()}
+    """The rewards (and their server) run in an environment of their own. The one exception is the entry point
+    `python -m rewards score --dataset`, which reads dataset rows as a run does (common/data.py): nothing imports it."""
+    offenders = {m: sorted(d for d in deps if d.startswith("common")) for m, deps in _imports("rewards").items()
+                 if m != "rewards.__main__"}
     assert not {m: d for m, d in offenders.items() if d}
+    assert "rewards.__main__" not in {d for deps in _imports("rewards").values() for d in deps}
 
 
 def _docstrings(cls) -> dict[str, str]:
