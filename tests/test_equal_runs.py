@@ -1,4 +1,5 @@
-"""The scripts compute what the code before issue 19's restructuring computed, bit for bit: a few short runs (every
+"""The scripts compute what the code before issue 19's restructuring computed, bit for bit (nft and awm: what they
+computed once issue 31 keyed their training draws by the sample; re-recorded then, on this machine's CPU): a few short runs (every
 script, several models, a full fine-tuning reference) against fingerprints stored from that code (metrics.jsonl
 without time/ and memory/, the exported LoRA, the last checkpoint's tensors and state). All 59 configurations:
 `python bench/equal_runs.py compare bench/results/equal_runs.json`.
