@@ -156,7 +156,11 @@ def main():
         data = {"environment": environment(), "runs": {}}
         if os.path.exists(a.path):
             with open(a.path) as f:
-                data = json.load(f)
+                stored = json.load(f)
+            if stored["environment"] == data["environment"]:  # fingerprints of another CPU or torch never mix
+                data = stored
+            else:
+                print(f"note: {a.path} was recorded on {stored['environment']}: recording it afresh")
         for name in names:
             if name in data["runs"] and not a.only:
                 continue
