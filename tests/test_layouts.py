@@ -15,7 +15,7 @@ from tests.test_grpo import ENV, ROOT, read_metrics
 
 FLAGS = ["--model", "flux1", "--tiny", "--log-with", "none", "--gradient-steps-per-epoch", "1", "--eval-every", "0",
          "--num-epochs", "2", "--reward", "tests.test_rollout_width.brightness"]
-KEYED = [s for s in ("nft", "awm", "dpo", "dgpo", "crd") if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
+KEYED = [s for s in ("nft", "dpo", "dgpo") if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
 
 
 def _train(cmd, out, *extra):
