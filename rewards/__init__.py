@@ -27,8 +27,13 @@ REGISTRY = {
     "pickscore": "rewards.pickscore:PickScore",
     "pickscore_rank": "rewards.pickscore:PickScoreRank",
     "clip": "rewards.clip_score:ClipScore",
+    "aesthetic": "rewards.aesthetic:Aesthetic",
+    "hpsv2": "rewards.hpsv2:HPSv2",
+    "imagereward": "rewards.imagereward:ImageReward",
     "shapes": "rewards.shapes:ShapesReward",
     "ocr": "rewards.ocr:OcrReward",
+    "geneval": "rewards.geneval:GenevalReward",
+    "vlm": "rewards.vlm:VlmJudge",
 }
 
 

@@ -47,3 +47,18 @@ def over_frames(score_images, images: torch.Tensor, prompts: list[str]) -> torch
     B, F = images.shape[:2]
     scores = score_images(images.flatten(0, 1), [p for p in prompts for _ in range(F)])
     return scores.view(B, F).mean(1)
+
+
+def strict_metrics(scores, metadata: list[dict], tags) -> dict[str, float]:
+    """Evaluation metrics of a reward that scores exactly 1 when a sample meets every requirement (shapes, geneval):
+    strict/all and strict/<tag> (the fraction of such samples, over all and per row `tag` among `tags`), dense/all
+    (the mean score)."""
+    s = torch.as_tensor(scores, dtype=torch.float32).flatten()
+    strict = (s == 1).float()
+    out = {"strict/all": float(strict.mean()), "dense/all": float(s.mean())}
+    row_tags = [m.get("tag") for m in metadata]
+    for tag in tags:
+        mine = torch.tensor([t == tag for t in row_tags])
+        if mine.any():
+            out[f"strict/{tag}"] = float(strict[mine].mean())
+    return out

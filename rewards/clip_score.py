@@ -41,16 +41,29 @@ class ClipScore(Reward):
                     "to a local folder holding processor and model")
             raise RewardError(f"reward '{self.name}': cannot load {source!r} ({why}); {hint}") from e
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, H, W) in [0, 1] and N prompts -> unit-norm float32 image and text embeddings, (N, D) each."""
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> the model's pixel values (the processor's resize, crop and normalisation)."""
         pixels = self.processor(images=images.detach().float().cpu(), do_rescale=False, return_tensors="pt")
-        text = self.processor(text=prompts, padding="max_length", truncation=True, return_tensors="pt",
-                              max_length=self.processor.tokenizer.model_max_length)
-        img = _pooled(self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device, self.dtype)))
+        return pixels["pixel_values"].to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixel values -> unit-norm float32 image embeddings (N, D)."""
+        return F.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> unit-norm float32 text embeddings (N, D), padded and truncated to the tokenizer's length."""
+        tokenizer = self.processor.tokenizer
+        text = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                         max_length=tokenizer.model_max_length)
         txt = _pooled(self.model.get_text_features(input_ids=text["input_ids"].to(self.device),
                                                    attention_mask=text["attention_mask"].to(self.device)))
-        return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+        return F.normalize(txt.float(), dim=-1)
+
+    def embed(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) in [0, 1] and N prompts -> unit-norm float32 image and text embeddings, (N, D) each."""
+        return self.embed_images(self.pixels(images)), self.embed_texts(prompts)
 
     def score_images(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         img, txt = self.embed(images, prompts)

@@ -202,7 +202,7 @@ def decode_score_request(body: bytes, workdir: str):
 
 # ---- the reference project's /compute JSON protocol ----
 
-def _png_b64(image) -> str:
+def png_b64(image) -> str:
     """(3, H, W) uint8 tensor or a PIL image -> base64 PNG."""
     if isinstance(image, torch.Tensor):
         image = Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB")
@@ -219,12 +219,12 @@ def _rgb8(path):
 def compute_payload(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict:
     """{prompt, image: [b64 PNG] | None, video: [[b64 PNG per frame]] | None, condition_images, condition_videos}."""
     u8 = to_uint8(images)
-    cond = [[_png_b64(_rgb8(p)) for p in m.get("images") or []] for m in metadata]
-    cond_v = [[[_png_b64(f) for f in to_uint8(frames)] for frames, _ in m.get("video_frames") or []]
+    cond = [[png_b64(_rgb8(p)) for p in m.get("images") or []] for m in metadata]
+    cond_v = [[[png_b64(f) for f in to_uint8(frames)] for frames, _ in m.get("video_frames") or []]
               for m in metadata]
     return {"prompt": list(prompts),
-            "image": [_png_b64(x) for x in u8] if u8.dim() == 4 else None,
-            "video": [[_png_b64(f) for f in v] for v in u8] if u8.dim() == 5 else None,
+            "image": [png_b64(x) for x in u8] if u8.dim() == 4 else None,
+            "video": [[png_b64(f) for f in v] for v in u8] if u8.dim() == 5 else None,
             "condition_images": cond if any(cond) else None,
             "condition_videos": cond_v if any(cond_v) else None}
 

@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 
 from rewards.shapes_world import BACKGROUND, PALETTE
-from rewards.base import Reward, RewardError, over_frames
+from rewards.base import Reward, RewardError, over_frames, strict_metrics
 
 COLORS = list(PALETTE)
 WHITE = np.array(BACKGROUND, np.float32)
@@ -112,11 +112,4 @@ class ShapesReward(Reward):
 
     def eval_metrics(self, scores, metadata) -> dict[str, float]:
         """strict/all and strict/<tag>: fraction of samples meeting every requirement; dense/all: mean score."""
-        s = torch.as_tensor(scores, dtype=torch.float32).flatten()
-        tags = np.array([m.get("tag") for m in metadata])
-        strict = (s == 1).numpy()
-        out = {"strict/all": float(strict.mean()), "dense/all": float(s.mean())}
-        for tag in TAGS:
-            if (tags == tag).any():
-                out[f"strict/{tag}"] = float(strict[tags == tag].mean())
-        return out
+        return strict_metrics(scores, metadata, TAGS)

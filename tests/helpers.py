@@ -1,11 +1,18 @@
 """Shared by the tests of the scripts: tiny FLUX.1 arguments and runs for any script, and a run up to its first model
-load (every check a run makes before loading)."""
+load (every check a run makes before loading); a reward server to test a served reward against."""
 import ast
+import contextlib
 import glob
 import importlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from unittest import mock
+
+import httpx
 
 from common import models
 from common.cli import parse_with_presets
@@ -69,3 +76,44 @@ def checks_only(script, args):
         except ModelLoadReached:
             return
     raise AssertionError(f"{script}.main returned without loading a model")
+
+
+@contextlib.contextmanager
+def reward_server(reward, log_path, *flags):
+    """`python -m rewards.server --reward REWARD FLAGS` on a free 127.0.0.1 port, one thread, no token; yields its URL
+    once /health answers, kills it on exit. A server that exits fails with its log; the wait is long (a loaded
+    machine imports slowly) and costs nothing when the server comes up."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("FLOW_RL_REWARD_TOKEN", None), env.pop("FLOW_RL_REWARD_TOKEN_FILE", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rewards.server", "--reward", reward, *flags, "--port",
+                                 str(port), "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, open(log_path).read()
+            try:
+                if httpx.get(url + "/health", timeout=1).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"the {reward} server did not come up: {open(log_path).read()}"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def randomize_lora(adapter):
+    """LoRA's B starts at zero: random trainable weights (seed 0), so that the adapter changes the predictions."""
+    import torch
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.pipe.transformer.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)

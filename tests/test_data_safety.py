@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from common import data, models
-from common.args import RunArgs
 from common.cli import parse_with_presets
 from common.data import DataError, condition_size_problem, load_image, load_split
 from rewards.images import to_rgb8

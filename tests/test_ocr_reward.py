@@ -2,12 +2,9 @@
 text drawn by PIL. Scores are checked against values worked out here with an independent edit distance; the target
 text's rules, the one-line errors, videos, and a reward server serving it with the same scores."""
 import os
-import socket
-import subprocess
 import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -15,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from rewards import REGISTRY, RewardError, load_rewards
 from rewards.ocr import OcrReward, target_text
+from tests.helpers import reward_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,26 +126,7 @@ def test_missing_extra_and_path_override_are_one_line(monkeypatch):
 
 
 def test_server_gives_the_same_scores(ocr_set, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    env.pop("FLOW_RL_REWARD_TOKEN", None), env.pop("FLOW_RL_REWARD_TOKEN_FILE", None)
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rewards.server", "--reward", "ocr", "--port", str(port),
-                             "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=1).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the ocr server did not come up"
-            time.sleep(0.2)
+    with reward_server("ocr", tmp_path / "server.log") as url:
         remote = load_rewards([f"ocr={url}"])
         drawn, prompts, metadata = zip(*CASES[:4], CASES[6])
         x = torch.stack([render(t) for t in drawn])
@@ -155,6 +134,3 @@ def test_server_gives_the_same_scores(ocr_set, tmp_path):
         assert torch.equal(s, ocr_set.score(x, list(prompts), list(metadata))["ocr"])
         one_line(remote.score, x[:1], ["no quotes here"], [{}],
                  match=r"reward 'ocr': .*422.*prompt 'no quotes here' has no text in double quotes")
-    finally:
-        proc.kill()
-        proc.wait()

@@ -17,7 +17,6 @@ import grpo
 import nft
 from common import checkpoint, launch
 from common.errors import CheckpointError, ConfigError, OutputError
-from common.lock import OutputLock
 from common.run import Run
 from tests.helpers import checks_only, tiny_args
 from tests.test_grpo import read_metrics
