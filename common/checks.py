@@ -260,4 +260,9 @@ def check_rewards(reward_set, adapter, args, items):
     rows = (items * 2)[:2]
     h, w = height_width(args.resolution)
     shape = (len(rows), args.num_frames, 3, h, w) if adapter.video else (len(rows), 3, h, w)
-    data.score(reward_set, rows, torch.full(shape, 0.5))
+    audio = None
+    if adapter.audio:  # silence of the generated track's shape (one decode of a zero latent), so metadata is complete
+        state = adapter.make_state(h, w, args.num_frames)
+        z = torch.zeros_like(adapter.prepare_noise(len(rows), h, w, torch.Generator().manual_seed(0), args.num_frames))
+        audio = (torch.zeros_like(adapter.decode_audio(z, state)), adapter.audio_sample_rate())
+    data.score(reward_set, rows, torch.full(shape, 0.5), audio)

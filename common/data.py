@@ -305,16 +305,24 @@ def load_video(path: str) -> tuple[torch.Tensor, float]:
 load_video.cache_clear = _VIDEO_CACHE.clear
 
 
-def score(reward_set, items: list[Item], images) -> dict:
-    """Raw scores of every reward of `reward_set` for `images` generated from dataset rows `items`: {name: (B,)}."""
-    return reward_set.score(images, [it.prompt for it in items], reward_metadata(items))
+def score(reward_set, items: list[Item], images, audio=None) -> dict:
+    """Raw scores of every reward of `reward_set` for `images` generated from dataset rows `items`: {name: (B,)}.
+    `audio`: (waveforms (B, C, N), sample rate) of a model that generates sound too (LTX-2), else None."""
+    return reward_set.score(images, [it.prompt for it in items], reward_metadata(items, audio))
 
 
-def reward_metadata(items: list[Item]) -> list[dict]:
+def reward_metadata(items: list[Item], audio=None) -> list[dict]:
     """What the rewards receive per sample: the row's other jsonl keys, its prompt, the condition image paths
-    ("images"), the video paths ("videos") and those videos decoded ("video_frames": (frames, fps) pairs)."""
-    return [{**it.metadata, "prompt": it.prompt, "images": it.images, "videos": it.videos,
+    ("images"), the video paths ("videos") and those videos decoded ("video_frames": (frames, fps) pairs); for a
+    model with sound, its generated track ("audio": (waveform float (C, N) on the CPU, sample rate))."""
+    meta = [{**it.metadata, "prompt": it.prompt, "images": it.images, "videos": it.videos,
              "video_frames": [_row_video(it, p) for p in it.videos]} for it in items]
+    if audio is not None:
+        waves, rate = audio
+        waves = waves.detach().float().cpu()  # one copy for the batch (under --async-rewards in the scoring thread)
+        for m, w in zip(meta, waves):
+            m["audio"] = (w, int(rate))
+    return meta
 
 
 def _row_video(it: Item, path: str):

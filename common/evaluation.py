@@ -19,16 +19,18 @@ from common.errors import writing
 
 @torch.no_grad()
 def evaluate(accelerator, adapter, conditioning, reward_set, items, args, epoch):
-    """Returns ({"eval/...": value}, the grid's images). `conditioning` (common.conditioning.Conditioning) encodes
-    the rows and shows them in the grid; args supplies eval_resolution, eval_num_frames, eval_num_steps,
-    eval_batch_size, eval_seed, the guidance scales and output_dir. The caller picks the weights (EMA) and autocast."""
+    """Returns ({"eval/...": value}, the grid's images, the grid's sound: (one (C, N) CPU waveform per grid sample,
+    sample rate) for a model with sound (adapter.audio), else None). `conditioning`
+    (common.conditioning.Conditioning) encodes the rows and shows them in the grid; args supplies eval_resolution,
+    eval_num_frames, eval_num_steps, eval_batch_size, eval_seed, the guidance scales and output_dir. The caller picks
+    the weights (EMA) and autocast."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     height, width = height_width(args.eval_resolution)
     state = adapter.make_state(height, width, args.eval_num_frames)
     sigmas = adapter.sigmas(args.eval_num_steps, state).to(device)  # on the device once, not a copy per step
     mine = data.rank_rows(len(items), rank, world)
     grid_ids = mine[:: max(1, len(mine) // 16)][:16]
-    scores, images = {k: [] for k in reward_set.names}, []
+    scores, images, tracks = {k: [] for k in reward_set.names}, [], []
     for start in tqdm(range(0, len(mine), args.eval_batch_size), desc="evaluation" if epoch < 0 else f"epoch {epoch} eval",
                       disable=not accelerator.is_local_main_process, leave=False):
         idx = mine[start:start + args.eval_batch_size]
@@ -39,9 +41,12 @@ def evaluate(accelerator, adapter, conditioning, reward_set, items, args, epoch)
         traj = sampler.rollout(lambda x, i: adapter.predict(x, sigmas[i], cond, state, args.guidance_scale,
                                                             args.true_cfg_scale), z, sigmas)
         imgs = adapter.decode(traj.final, state, cond)
-        for k, v in data.score(reward_set, batch, imgs).items():
+        sound = (adapter.decode_audio(traj.final, state, cond), adapter.audio_sample_rate()) if adapter.audio else None
+        for k, v in data.score(reward_set, batch, imgs, sound).items():
             scores[k].append(v)
         images += [img for i, img in zip(idx, conditioning.shown(batch, imgs.cpu())) if i in grid_ids]
+        if sound is not None:
+            tracks += [w.float().cpu() for i, w in zip(idx, sound[0]) if i in grid_ids]
     out, metadata, per_prompt = {}, [it.metadata for it in items], {}
     for k, v in scores.items():
         all_k = accelerator.gather(torch.cat(v).to(device)).cpu()[: len(items)]
@@ -50,13 +55,14 @@ def evaluate(accelerator, adapter, conditioning, reward_set, items, args, epoch)
         if hasattr(reward_set.rewards[k], "eval_metrics"):  # e.g. strict accuracy per category
             out.update({f"eval/{k}_{m}": x for m, x in reward_set.rewards[k].eval_metrics(all_k, metadata).items()})
     images, tag = images[:16], f"eval_epoch{epoch:04d}" if epoch >= 0 else "eval_base"
+    audio = (tracks[:16], adapter.audio_sample_rate()) if adapter.audio else None
     if accelerator.is_main_process:
         tracking.save_samples(accelerator, os.path.join(args.output_dir, "samples"), tag, images,
-                              [items[i].prompt for i in grid_ids], epoch)
+                              [items[i].prompt for i in grid_ids], epoch, fps=adapter.frame_rate, audio=audio)
         path = os.path.join(args.output_dir, "samples", f"{tag}_prompts.json")
         with writing("the per-prompt evaluation", path), tracking.atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(per_prompt, f, indent=1)
-    return out, images
+    return out, images, audio
 
 
 def prompt_means(items, values):

@@ -8,7 +8,8 @@ counts, no memory, no download. `memory_plan` adds up, for one training process,
 - the trainable parameters (LoRA of the default targets at --lora-rank, or the whole transformer for
   --finetune full) in fp32 with their gradients, AdamW's two moments and the algorithm's fp32 copies of them
   (`Algorithm.weight_copies`: the evaluation EMA; NFT's old policy, AWM's anchor and epoch-start weights), the EMA
-  swap-in backup (evaluation), and a frozen reference transformer for full fine-tuning with --kl-beta > 0;
+  swap-in backup (evaluation), and a frozen reference transformer for full fine-tuning with --kl-beta > 0 or an
+  algorithm that keeps one always (`Algorithm.reference`: DPO, DGPO);
 - what the rollout stores per sample for the epoch in the storage dtype: `Algorithm.latents_per_sample` latents
   (GRPO: its SDE window's sde_window_size + 1; NFT/AWM: the final latent), and the conditioning kept with each
   sample (the adapter's `condition_elements` estimate from the embedding widths).
@@ -148,6 +149,7 @@ class Algorithm:
     name: str                                     # "GRPO", "NFT", ...
     weight_copies: tuple[str, ...] = ("EMA",)     # fp32 copies of the trained weights it keeps
     latents_per_sample: int = 1                   # latents stored per sample of the epoch
+    reference: bool = False                       # keeps the reference model whatever --kl-beta (Run(reference=True))
 
 
 def _settings(args) -> types.SimpleNamespace:
@@ -227,7 +229,7 @@ def memory_plan(args, algorithm: Algorithm, num_processes=1, sharded=False, meta
     rows.append(Row(f"{copies} cop{'ies' if k > 1 else 'y'}", k * trainable * 4 / n, k * trainable, "fp32"))
     # ema.swapped_in clones the live weights while the EMA is loaded (evaluation; NFT's old-policy passes)
     rows.append(Row("EMA swap-in backup", trainable * 4 / n, trainable, "fp32", early=False))
-    if full and args.kl_beta > 0:
+    if full and (args.kl_beta > 0 or algorithm.reference):
         ref = sum(tensor_count(m) for m in trained.values())
         on_cpu = args.ref_device == "cpu"
         rows.append(Row("reference transformer (frozen copy)", ref * wbytes, ref, wdtype,

@@ -195,7 +195,7 @@ class Run:
             self.stop_if_asked(self.start_epoch - 1)
         if args.eval_before and self.start_epoch == 0 and args.eval_every > 0:
             with self.timer("eval"):
-                self.base_eval, self.base_images = self.evaluate(-1)
+                self.base_eval, self.base_images, self.base_audio = self.evaluate(-1)
             if acc.is_main_process:
                 tracking.append_jsonl(self.metrics_path, {"epoch": -1, **self.base_eval, **self.timer.pop(),
                                                           **tracking.peak_memory_gb(self.device)})
@@ -224,7 +224,8 @@ class Run:
                     total=self.args.num_epochs, disable=not self.accelerator.is_local_main_process)
 
     def evaluate(self, epoch):
-        """Held-out ODE samples with the EMA weights: ({"eval/...": value}, the grid's images)."""
+        """Held-out ODE samples with the EMA weights: ({"eval/...": value}, the grid's images, the grid's sound or
+        None)."""
         with self.ema.swapped_in(), self.autocast(), self._sampling(merged_ok=True):
             return evaluation.evaluate(self.accelerator, self.adapter, self.conditioning, self.reward_set,
                                        self.test_items, self.args, epoch)
@@ -267,9 +268,10 @@ class Run:
             with self.timer("decode"), self.autocast():  # after the denoising loop; VAE memory as at --batch-size
                 images = torch.cat([self.adapter.decode(traj.final[r], self.state, self.adapter.select(cond, r))
                                     for r in sampler.micro_batches(len(items), args.batch_size)])
+                sound = self._decode_audio(traj.final, self.state, cond, len(items))
             for b, rows in enumerate(sampler.micro_batches(len(items), args.batch_size), start=c):
                 s = self._sample(epoch, b, items[rows], images[rows], self.adapter.select(cond, rows), traj.rows(rows),
-                                 store)
+                                 store, None if sound is None else (sound[0][rows], sound[1]))
                 first = b * args.batch_size  # this micro-batch's first row among the process's rows of the epoch
                 s["item"], s["group"], s["member"] = (tuple(v[first:first + len(items[rows])])
                                                       for v in identity)  # plain ints: nothing moved to the device
@@ -288,11 +290,20 @@ class Run:
             (args.seed * 1_000_003 + epoch * 10_007) * 8_191 + group), args.num_frames)
             for _, groups in chunk for group in groups])
 
-    def _sample(self, epoch, b, items, images, cond, traj, store) -> dict:
+    def _decode_audio(self, z, state, cond, n):
+        """(waveforms (n, C, N) on the device, sample rate) of a model that generates sound (adapter.audio), decoded
+        --batch-size rows at a time as the videos are; None for every other model (nothing runs)."""
+        if not self.adapter.audio:
+            return None
+        return (torch.cat([self.adapter.decode_audio(z[r], state, self.adapter.select(cond, r))
+                           for r in sampler.micro_batches(n, self.args.batch_size)]), self.adapter.audio_sample_rate())
+
+    def _sample(self, epoch, b, items, images, cond, traj, store, audio=None) -> dict:
+        """One micro-batch's sample dict; `audio`: its rows' (waveforms, sample rate), or None (no sound)."""
         args = self.args
         with self.timer("reward"):  # --async-rewards: a future, scored while the next micro-batch rolls out
-            scores = (self.reward_pool.submit(data.score, self.reward_set, items, images) if self.reward_pool
-                      else data.score(self.reward_set, items, images))
+            scores = (self.reward_pool.submit(data.score, self.reward_set, items, images, audio) if self.reward_pool
+                      else data.score(self.reward_set, items, images, audio))
         s = {"cond": cond, **{k: getattr(traj, k) for k in store if k != "x0"}, "scores": scores}
         if "x0" in store:
             s["x0"] = traj.final.to(self.storage_dtype)
@@ -300,7 +311,8 @@ class Run:
             s = sampler.to_device(s, "cpu")
         if b == 0 and self.accelerator.is_main_process and args.eval_every and (epoch + 1) % args.eval_every == 0:
             tracking.save_samples(self.accelerator, os.path.join(args.output_dir, "samples"), f"train_epoch{epoch:04d}",
-                                  self.conditioning.shown(items, images.cpu()), [it.prompt for it in items], epoch)
+                                  self.conditioning.shown(items, images.cpu()), [it.prompt for it in items], epoch,
+                                  fps=self.adapter.frame_rate, audio=audio)
         return s
 
     def advantages(self, samples, epoch):
@@ -446,7 +458,7 @@ class Run:
         last = epoch == args.num_epochs - 1
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
             with self.timer("eval"):
-                final_eval, self.final_images = self.evaluate(epoch)
+                final_eval, self.final_images, self.final_audio = self.evaluate(epoch)
                 record.update(final_eval)
         record.update(self.timer.pop())
         record.update(tracking.peak_memory_gb(self.device))
@@ -523,9 +535,12 @@ class Run:
         if acc.is_main_process and trained:
             acc.print(f"saved to {args.output_dir}")
             if self.base_eval is not None and args.eval_every:
+                sound = None if self.base_audio is None else (self.base_audio[0] + self.final_audio[0],
+                                                              self.base_audio[1])
                 tracking.save_samples(acc, os.path.join(args.output_dir, "samples"), "before_after",
                                       self.base_images + self.final_images, ["base"] * len(self.base_images)
-                                      + ["trained"] * len(self.final_images), args.num_epochs)
+                                      + ["trained"] * len(self.final_images), args.num_epochs,
+                                      fps=self.adapter.frame_rate, audio=sound)
             acc.print(tracking.run_summary(self.metrics_path))  # the result, as the last lines: trained vs base
         self.lock.release()
         end_processes(acc)

@@ -196,16 +196,18 @@ def _as_videos(images):
     return images if images and all(torch.is_tensor(v) and v.dim() == 4 for v in images) else None
 
 
-def save_samples(accelerator, out_dir, tag, images, captions, step, *, fps: float = 16):
+def save_samples(accelerator, out_dir, tag, images, captions, step, *, fps: float = 16, audio=None):
     """Write samples/<tag>.png and a captions file; send the grid to the trackers.
     Videos ((B,F,3,H,W) or a list of (F,3,H,W)): <tag>.png is a column of frame strips (one row per sample)
-    and <tag>.mp4 plays the grid of all samples' frame t (a shorter sample holds its last frame).
+    and <tag>.mp4 plays the grid of all samples' frame t (a shorter sample holds its last frame). `audio`: for a
+    model with sound, (one (C, N) waveform per sample (a (B, C, N) tensor or a list), sample rate); the mp4 carries
+    the first sample's track (AAC).
     Each file is written atomically: a full disk is one OutputError naming it, and leaves no truncated file."""
     with writing("the samples", os.path.join(out_dir, tag)):
-        _save_samples(accelerator, out_dir, tag, images, captions, step, fps)
+        _save_samples(accelerator, out_dir, tag, images, captions, step, fps, audio)
 
 
-def _save_samples(accelerator, out_dir, tag, images, captions, step, fps):
+def _save_samples(accelerator, out_dir, tag, images, captions, step, fps, audio=None):
     from common.video import frame_strip, write_frames
     os.makedirs(out_dir, exist_ok=True)
     videos = _as_videos(images)
@@ -219,8 +221,11 @@ def _save_samples(accelerator, out_dir, tag, images, captions, step, fps):
         frames = (image_grid([v[min(t, len(v) - 1)] for v in videos], nrow=nrow)
                   for t in range(max(len(v) for v in videos)))
         mp4 = os.path.join(out_dir, f"{tag}.mp4")
+        # a grid shows every sample at once but an mp4 plays one sound: the first sample's (the top-left video;
+        # before_after: the base model's first), never a mix, which would blur what any one sample sounds like
+        track = None if audio is None or not len(audio[0]) else (audio[0][0], audio[1])
         with writing("the sample video", mp4):
-            write_frames(mp4, frames, fps)
+            write_frames(mp4, frames, fps, track)
     png, txt = os.path.join(out_dir, f"{tag}.png"), os.path.join(out_dir, f"{tag}.txt")
     with writing("the samples", png), atomic_path(png) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")

@@ -123,10 +123,11 @@ def _check_frame(a, n: int, size=None) -> np.ndarray:
     return a
 
 
-def write_frames(path: str, frames, fps: float = 16) -> str:
+def write_frames(path: str, frames, fps: float = 16, audio=None) -> str:
     """Iterable of (H, W, 3) uint8 RGB arrays, all one size -> mp4 at `path`, written atomically
     (a temporary file in the same folder, then os.replace). Frames are encoded as they come, so a long
-    video need not be held in memory. Returns the path."""
+    video need not be held in memory. `audio`: None, or (waveform (C, N) float in [-1, 1] with C 1 or 2,
+    sample rate), written as an AAC track beside the video (LTX-2's generated sound). Returns the path."""
     path = os.fspath(path)
     frames = iter(frames)
     first = next(frames, None)
@@ -146,6 +147,8 @@ def write_frames(path: str, frames, fps: float = 16) -> str:
             cc = stream.codec_context
             cc.colorspace, cc.color_range = Colorspace.ITU709, ColorRange.MPEG
             cc.color_primaries, cc.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
+            if audio is not None:  # every stream exists before the first packet (the header) is written
+                sound, sound_frame = _audio_stream(container, *audio)
             n, a = 0, first
             while a is not None:
                 a = _check_frame(a, n, size)
@@ -160,6 +163,9 @@ def write_frames(path: str, frames, fps: float = 16) -> str:
                 n, a = n + 1, next(frames, None)
             for packet in stream.encode():
                 container.mux(packet)
+            if audio is not None:
+                for packet in sound.encode(sound_frame) + sound.encode():
+                    container.mux(packet)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -167,10 +173,23 @@ def write_frames(path: str, frames, fps: float = 16) -> str:
     return path
 
 
-def write_video(path: str, video, fps: float = 16) -> str:
-    """(F, 3, H, W) float in [0, 1] (or uint8) -> mp4 (H.264 yuv420p, BT.709), written atomically.
-    Odd heights/widths are padded to even by repeating the last row/column (read back 1 px larger)."""
-    return write_frames(path, _to_uint8_frames(video), fps)
+def _audio_stream(container, waveform, sample_rate):
+    """An AAC stream for a (C, N) float waveform (C = 1 or 2, clipped to [-1, 1]) and the waveform as one frame."""
+    wave = np.ascontiguousarray(torch.as_tensor(waveform).detach().float().clamp(-1, 1).cpu().numpy())
+    if wave.ndim != 2 or wave.shape[0] not in (1, 2) or not wave.shape[1]:
+        raise ValueError(f"expected an audio waveform of shape (1 or 2, N > 0), got {tuple(wave.shape)}")
+    layout = "mono" if wave.shape[0] == 1 else "stereo"
+    stream = container.add_stream("aac", rate=int(sample_rate))
+    stream.layout = layout
+    frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout=layout)
+    frame.sample_rate = int(sample_rate)
+    return stream, frame
+
+
+def write_video(path: str, video, fps: float = 16, audio=None) -> str:
+    """(F, 3, H, W) float in [0, 1] (or uint8) -> mp4 (H.264 yuv420p, BT.709), written atomically; `audio` as in
+    write_frames. Odd heights/widths are padded to even by repeating the last row/column (read back 1 px larger)."""
+    return write_frames(path, _to_uint8_frames(video), fps, audio)
 
 
 def frame_strip(video: torch.Tensor, max_frames: int = 8) -> torch.Tensor:

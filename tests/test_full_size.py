@@ -52,6 +52,9 @@ TRANSFORMERS = {
     ("qwen-image", "original"): (20.4 * B, "Qwen-Image, 20.4B"),
     ("qwen-image-edit-plus", "2511"): (20.4 * B, "Qwen-Image-Edit: Qwen-Image's transformer (zero_cond_t adds none)"),
     ("qwen-image-edit-plus", "2509"): (20.4 * B, "Qwen-Image-Edit: Qwen-Image's transformer"),
+    # explicit: QwenImage21Transformer2DModel's defaults (docs/models.md 3.11), named 7B; derived by hand in
+    # tests/test_model_qwen_image21.py::test_full_size_architecture
+    ("qwen-image-2.1", None): (7_115_124_736, "Qwen-Image-2.1, named 7B (the 32 x 4096 single-stream DiT)"),
     ("flux2", None): (32 * B, "FLUX.2-dev, ~32B (card)"),
     # explicit: the "4B" of the name is 3.1% above the count of the docs/models.md 3.8 config (5 double + 20 single
     # blocks of 3072); no exact published count on disk. 9B: the name is within 1% (9.08B)
@@ -69,11 +72,15 @@ TRANSFORMERS = {
     ("wan2_i2v", "2.1-14b-720p"): (16_394_878_784, "Wan2.1-I2V-14B-720P: 480P's architecture"),
     ("wan2_i2v", "2.2-a14b"): (WAN_14B + 20 * 4 * 5120, "Wan2.2-I2V-A14B: 14B experts with 36 input channels"),
     ("wan2_i2v", "2.2-ti2v-5b"): (5 * B, "Wan2.2-TI2V-5B"),
+    # explicit: the count of the conversion-script config, which the name "19B" rounds (test_model_ltx2.py)
+    ("ltx2", None): (18_876_174_592, "LTX-2: the 19B audio-video transformer"),
+    ("ltx2_i2v", None): (18_876_174_592, "LTX-2 image-to-video: the same transformer"),
 }
 # rounded names: (figure, significant digits as written); the count must round to it ("4B": 3.5-4.5B)
 NAME_FIGURES = {("sd3_5", "medium"): (2.5 * B, 2), ("flux2-klein", "4b"): (4 * B, 1),
                 ("wan2_t2v", "2.1-14b"): (14 * B, 2), ("wan2_t2v", "2.2-a14b"): (14 * B, 2),
-                ("wan2_i2v", "2.2-a14b"): (14 * B, 2)}
+                ("wan2_i2v", "2.2-a14b"): (14 * B, 2), ("ltx2", None): (19 * B, 2),
+                ("ltx2_i2v", None): (19 * B, 2), ("qwen-image-2.1", None): (7 * B, 1)}
 # text / image encoders: (component, figure, source); the same published checkpoints reappear across models
 T5_XXL = ("T5-XXL encoder", 4.76 * B)
 UMT5_XXL = ("UMT5-XXL encoder", 5.68 * B)  # "~5.7B"; 5.68B is the encoder of google/umt5-xxl (the figure used)
@@ -81,9 +88,11 @@ QWEN25_VL = ("Qwen2.5-VL-7B incl. vision", 8.29 * B)  # "8.3B" (Hub: 8.29B)
 # OpenCLIP's table [recalled]; FLUX.1's CLIPTextModel lacks the 0.59M projection (123.06M, 0.5% off)
 CLIP_L = ("CLIP ViT-L/14 text", 123.65e6)
 CLIP_G = ("OpenCLIP ViT-bigG/14 text", 694.66e6)  # OpenCLIP's table [recalled]
+QWEN3_VL_8B = ("Qwen3-VL-8B incl. vision", 8.77 * B)  # Hub: 8.77B [recalled]
 QWEN3_4B, QWEN3_8B = ("Qwen3-4B", 4.0 * B), ("Qwen3-8B", 8.2 * B)  # model cards: 4.0B, 8.2B
 MISTRAL = ("Mistral-Small-3.1-24B", 24.0 * B)  # model card: 24B
 CLIP_H = ("CLIP ViT-H/14 vision", 632.08e6)  # OpenCLIP's table [recalled] (incl. its 1.3M projection)
+GEMMA3_12B = ("Gemma-3-12B incl. vision", 12.2 * B)  # model card: 12B; the Hub count 12.2B [recalled]
 ENCODERS = {
     "flux1": {"text_encoder": CLIP_L, "text_encoder_2": T5_XXL},
     "flux1-kontext": {"text_encoder": CLIP_L, "text_encoder_2": T5_XXL},
@@ -91,10 +100,12 @@ ENCODERS = {
     "z-image": {"text_encoder": QWEN3_4B},
     "qwen-image": {"text_encoder": QWEN25_VL},
     "qwen-image-edit-plus": {"text_encoder": QWEN25_VL},
+    "qwen-image-2.1": {"text_encoder": QWEN3_VL_8B},
     "flux2": {"text_encoder": MISTRAL},
     "flux2-klein": {"text_encoder": QWEN3_4B},  # 9B: Qwen3-8B (below)
     "wan2_t2v": {"text_encoder": UMT5_XXL},
     "wan2_i2v": {"text_encoder": UMT5_XXL, "image_encoder": CLIP_H},
+    "ltx2": {"text_encoder": GEMMA3_12B}, "ltx2_i2v": {"text_encoder": GEMMA3_12B},
 }
 
 
@@ -166,12 +177,16 @@ LORA = {
     "z-image": (30 + 2 + 2) * 7,
     # 60 blocks: 8 attention projections + 2 x 2 MLP layers
     "qwen-image": 60 * 12, "qwen-image-edit-plus": 60 * 12,
+    # 32 single-stream blocks: q, k, v, out and the SwiGLU's proj, gate_layer, out
+    "qwen-image-2.1": 32 * 7,
     # double blocks: 8 attention + linear_in/out of ff and ff_context; single blocks: to_qkv_mlp_proj, to_out
     "flux2": 8 * 12 + 48 * 2, ("flux2-klein", "4b"): 5 * 12 + 20 * 2, ("flux2-klein", "base-4b"): 5 * 12 + 20 * 2,
     ("flux2-klein", "9b"): 8 * 12 + 24 * 2, ("flux2-klein", "base-9b"): 8 * 12 + 24 * 2,
     # per block: self-attention q, k, v, out; cross-attention q, k, v, out; the FFN's 2 layers (per expert)
     ("wan2_t2v", "2.1-1.3b"): 30 * 10, ("wan2_t2v", "2.2-ti2v-5b"): 30 * 10, ("wan2_i2v", "2.2-ti2v-5b"): 30 * 10,
     "wan2_t2v": 40 * 10, "wan2_i2v": 40 * 10,
+    # q, k, v, out of six attentions (video/audio self, video/audio text, audio->video, video->audio) + 2 x 2 FFN layers
+    "ltx2": 48 * 28, "ltx2_i2v": 48 * 28,
 }
 
 
@@ -222,6 +237,7 @@ SHAPES = {
     "flux1": ((512, 512, 1), (32 * 32, 64), 1024), "flux1-kontext": ((384, 384, 1), (24 * 24, 64), 576),
     "sd3_5": ((512, 512, 1), (16, 64, 64), 1024), "z-image": ((512, 512, 1), (16, 64, 64), 1024),
     "qwen-image": ((512, 512, 1), (1024, 64), 1024), "qwen-image-edit-plus": ((384, 384, 1), (576, 64), 576),
+    "qwen-image-2.1": ((512, 512, 1), (1024, 64), 1024),  # x16 VAE, 64 channels, not packed
     "flux2": ((512, 512, 1), (1024, 128), 1024), "flux2-klein": ((384, 384, 1), (576, 128), 576),
     "wan2_t2v": ((240, 416, 5), (16, 2, 30, 52), 2 * 15 * 26), "wan2_i2v": ((240, 416, 5), (16, 2, 30, 52), 780),
     ("wan2_t2v", "2.2-ti2v-5b"): ((256, 416, 5), (48, 2, 16, 26), 2 * 8 * 13),
@@ -238,6 +254,9 @@ def pipeline_latents(ad, h, w, frames):
     if ad.name.startswith("flux1"):
         z, ids = FluxPipeline.prepare_latents(pipe, 1, cfg.in_channels // 4, h, w, torch.float32, meta, None)
         return z.shape[1:], ids.shape[0]
+    if ad.name == "qwen-image-2.1":  # 64 channels at H/16 x W/16, flattened (no 2x2 packing)
+        z = pipe.prepare_latents(None, 1, cfg.in_channels, h, w, torch.float32, meta, None)[0]
+        return z.shape[1:], z.shape[1]
     if ad.name.startswith("qwen"):
         z = QwenImagePipeline.prepare_latents(pipe, 1, cfg.in_channels // 4, h, w, torch.float32, meta, None)
         return z.shape[1:], z.shape[1]
@@ -252,7 +271,8 @@ def pipeline_latents(ad, h, w, frames):
     return z.shape[1:], (z.shape[2] // 2) * (z.shape[3] // 2)
 
 
-@pytest.mark.parametrize("model,variant", VARIANTS)
+# LTX-2's joint video + audio latent: tests/test_model_ltx2.py::test_full_size_counts_targets_and_shapes
+@pytest.mark.parametrize("model,variant", [v for v in VARIANTS if not v[0].startswith("ltx2")])
 def test_latents_and_tokens_at_the_preset(model, variant):
     ad = meta_adapter(model, variant)
     size, latent, tokens = SHAPES.get((model, variant), SHAPES.get(model))
@@ -343,6 +363,12 @@ def test_memory_plan_full_finetune_and_other_scripts(monkeypatch, tmp_path):
     assert lat.params == 48 * 16 * 1 * 1024 * 64 and "EMA + old policy copies" in rows  # NFT: x0 only
     a = parse_with_presets(awm.Args, awm.PRESETS, awm.TINY, ["--model", "flux1"])
     assert "EMA + anchor + epoch start copies" in rows_by_name(plan.memory_plan(a, AWM, 1))
+    # an algorithm that always keeps the reference (DPO) counts the frozen copy under full fine-tuning, without a KL
+    full = grpo_args("wan2_t2v", "--finetune", "full")
+    assert "reference transformer (frozen copy)" not in rows_by_name(plan.memory_plan(full, GRPO, 1))
+    dpo = plan.Algorithm("DPO", reference=True)
+    ref = rows_by_name(plan.memory_plan(full, dpo, 1))["reference transformer (frozen copy)"]
+    assert ref.where == "gpu" and ref.params == plan.tensor_count(meta_adapter("wan2_t2v", "2.1-1.3b").pipe.transformer)
     assert plan.run_plan(n, NFT, 1).startswith("NFT memory plan: flux1")
 
 

@@ -11,10 +11,13 @@ MODELS = {
     "z-image": "common.models.z_image:ZImageAdapter",
     "qwen-image": "common.models.qwen_image:QwenImageAdapter",
     "qwen-image-edit-plus": "common.models.qwen_image:QwenImageEditPlusAdapter",
+    "qwen-image-2.1": "common.models.qwen_image21:QwenImage21Adapter",
     "flux2": "common.models.flux2:Flux2Adapter",
     "flux2-klein": "common.models.flux2:Flux2KleinAdapter",
     "wan2_t2v": "common.models.wan:WanT2VAdapter",
     "wan2_i2v": "common.models.wan:WanI2VAdapter",
+    "ltx2": "common.models.ltx2:LTX2Adapter",
+    "ltx2_i2v": "common.models.ltx2:LTX2I2VAdapter",
     # the embedded shapes model (models/shapes-flux): a FLUX.1-architecture pipeline, the FLUX.1 adapter with its preset
     "shapes": "common.models.flux1:ShapesAdapter",
 }

@@ -75,6 +75,10 @@ class Adapter:
     unguided = (1.0, 1.0)  # (guidance_scale, true_cfg_scale) of a guidance-free forward (NFT/AWM training)
     size_multiple = 16     # height and width must be multiples of this (VAE x8, then 2x2 patches or packing)
     video = False          # video models: latents carry a frame axis and num_frames may be 4k+1
+    # models that also generate sound (LTX-2) set audio = True and define decode_audio(z, state, cond) -> (B, C, N)
+    # waveforms and audio_sample_rate() (Hz): the rewards get each sample's track, the sample mp4s carry it
+    audio = False
+    frame_rate = 16.0      # fps of the written sample videos (Wan's; LTX-2's 24 keeps its sound in step)
 
     def __init__(self, pipe, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None,
                  train_experts="both", guidance_scale_2=None):
