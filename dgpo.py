@@ -200,7 +200,8 @@ def main(args: Args):
 
 if __name__ == "__main__":
     args = parse_with_presets(Args, PRESETS, TINY)
-    algorithm = plan.Algorithm("DGPO", weight_copies=("EMA", "ema_ref")[:1 + (args.clip_dsm or args.use_ema_ref)])
+    algorithm = plan.Algorithm("DGPO", weight_copies=("EMA", "ema_ref")[:1 + (args.clip_dsm or args.use_ema_ref)],
+                               reference=not args.use_ema_ref)
     with errors_as_one_line():  # a user error: one line (once per machine under accelerate launch), exit code 1
         if args.plan:  # the memory plan, built on the meta device: no weight loads
             print(plan.run_plan(args, algorithm))

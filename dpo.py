@@ -181,7 +181,7 @@ def main(args: Args):
 
 if __name__ == "__main__":
     args = parse_with_presets(Args, PRESETS, TINY)
-    algorithm = plan.Algorithm("DPO", weight_copies=("EMA",))  # what its memory plan counts
+    algorithm = plan.Algorithm("DPO", weight_copies=("EMA",), reference=True)  # what its memory plan counts
     with errors_as_one_line():  # a user error: one line (once per machine under accelerate launch), exit code 1
         if args.plan:  # the memory plan, built on the meta device: no weight loads
             print(plan.run_plan(args, algorithm))

@@ -7,6 +7,7 @@ wall-clock seconds and against the number of generated images.
     python bench/run_bench.py --jobs 2                         # two runs at once, 1 thread each
     python bench/run_bench.py --algorithms grpo nft --seeds 42 --num-epochs 20
     python bench/run_bench.py --summarize-only                 # redo table and plot from finished runs
+    python bench/run_bench.py --algorithms dpo --out /tmp/b --merge bench/results/results.json  # add rows to a table
 
 Runs go to <out>/runs/<algorithm>-seed<seed>/ (a finished run is not repeated); seeds run in the outer loop so
 that every algorithm sees the same machine conditions. "Training seconds" sum the rollout, reward and
@@ -68,36 +69,53 @@ def curves(rows, images_per_epoch):
     return np.array(out)
 
 
+def row(algo, c, args):
+    """The table's row for c = (seeds, evaluations, 4) curves."""
+    gain_dense, gain_strict = c[:, -1, 2] - c[:, 0, 2], c[:, -1, 3] - c[:, 0, 3]
+    # speed: the first evaluation at which the seed-mean dense gain reaches args.target
+    mean_gain = c[:, :, 2].mean(0) - c[:, 0, 2].mean()
+    hit = np.flatnonzero(mean_gain >= args.target)
+    reach = (f"{c[0, hit[0], 0]:.0f} / {np.median(c[:, hit[0], 1]):.0f}" if len(hit) else "not reached")
+    seconds = np.median(c[:, -1, 1])
+    return (f"| {algo} | {len(c)} | {c[:, 0, 2].mean():.3f} | {c[:, -1, 2].mean():.3f} "
+            f"| {gain_dense.mean():+.3f} ± {gain_dense.std():.3f} | {100 * c[:, 0, 3].mean():.1f} "
+            f"| {100 * c[:, -1, 3].mean():.1f} | {100 * gain_strict.mean():+.1f} ± {100 * gain_strict.std():.1f} "
+            f"| {reach} | {seconds:.0f} | {seconds / args.num_epochs:.2f} |")
+
+
+def as_curves(entry):
+    """A results.json entry -> (seeds, evaluations, 4) curves, as curves() stacks them."""
+    s = np.array(entry["seconds"])
+    images = np.broadcast_to(np.array(entry["images"]), s.shape)
+    return np.stack([images, s, np.array(entry["dense"]), np.array(entry["strict"])], axis=-1)
+
+
 def summarize(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # --merge: algorithms not run here keep the curves an earlier results.json recorded (same budgets and seeds)
+    merged = json.load(open(args.merge)) if args.merge else {}
     results, table = {}, []
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for algo in args.algorithms:
+    for algo in ALGORITHMS:
         runs = [run_dir(args.out, algo, s) for s in args.seeds if finished(run_dir(args.out, algo, s), args.num_epochs)]
-        if not runs:
+        if algo in args.algorithms and runs:
+            config = json.load(open(os.path.join(runs[0], "config.json")))
+            per_epoch = config["prompts_per_epoch"] * config["group_size"]
+            cs = [curves(read_metrics(r), per_epoch) for r in runs]
+            n = min(len(c) for c in cs)
+            c = np.stack([c[:n] for c in cs])  # (seeds, evals, 4)
+            results[algo] = dict(seeds=[int(r.rsplit("seed", 1)[1]) for r in runs], images=c[0, :, 0].tolist(),
+                                 seconds=c[:, :, 1].tolist(), dense=c[:, :, 2].tolist(), strict=c[:, :, 3].tolist())
+        elif algo in merged:
+            results[algo], c = merged[algo], as_curves(merged[algo])
+        else:
             continue
-        config = json.load(open(os.path.join(runs[0], "config.json")))
-        per_epoch = config["prompts_per_epoch"] * config["group_size"]
-        cs = [curves(read_metrics(r), per_epoch) for r in runs]
-        n = min(len(c) for c in cs)
-        c = np.stack([c[:n] for c in cs])  # (seeds, evals, 4)
-        gain_dense, gain_strict = c[:, -1, 2] - c[:, 0, 2], c[:, -1, 3] - c[:, 0, 3]
-        results[algo] = dict(seeds=[int(r.rsplit("seed", 1)[1]) for r in runs], images=c[0, :, 0].tolist(),
-                             seconds=c[:, :, 1].tolist(), dense=c[:, :, 2].tolist(), strict=c[:, :, 3].tolist())
-        # speed: the first evaluation at which the seed-mean dense gain reaches args.target
-        mean_gain = c[:, :, 2].mean(0) - c[:, 0, 2].mean()
-        hit = np.flatnonzero(mean_gain >= args.target)
-        reach = (f"{c[0, hit[0], 0]:.0f} / {np.median(c[:, hit[0], 1]):.0f}" if len(hit) else "not reached")
-        seconds = np.median(c[:, -1, 1])
-        table.append(f"| {algo} | {len(runs)} | {c[:, 0, 2].mean():.3f} | {c[:, -1, 2].mean():.3f} "
-                     f"| {gain_dense.mean():+.3f} ± {gain_dense.std():.3f} | {100 * c[:, 0, 3].mean():.1f} "
-                     f"| {100 * c[:, -1, 3].mean():.1f} | {100 * gain_strict.mean():+.1f} ± {100 * gain_strict.std():.1f} "
-                     f"| {reach} | {seconds:.0f} | {seconds / args.num_epochs:.2f} |")
-        for row, (col, label) in enumerate(((2, "held-out dense reward"), (3, "held-out strict accuracy"))):
-            for ax, (x, xlabel) in zip(axes[row], ((c[:, :, 1].mean(0), "training seconds (2 CPU cores)"),
-                                                   (c[0, :, 0], "generated images"))):
+        table.append(row(algo, c, args))
+        for r, (col, label) in enumerate(((2, "held-out dense reward"), (3, "held-out strict accuracy"))):
+            for ax, (x, xlabel) in zip(axes[r], ((c[:, :, 1].mean(0), "training seconds (2 CPU cores)"),
+                                                 (c[0, :, 0], "generated images"))):
                 mean, std = c[:, :, col].mean(0), c[:, :, col].std(0)
                 ax.plot(x, mean, marker="o", ms=3, label=algo)
                 ax.fill_between(x, mean - std, mean + std, alpha=0.2)
@@ -105,7 +123,7 @@ def summarize(args):
                 ax.set_ylabel(label)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(f"shapes world, {args.num_epochs} epochs x 64 images, mean ± std over seeds {' '.join(map(str, args.seeds))}")
     fig.tight_layout()
     os.makedirs(args.out, exist_ok=True)
@@ -133,6 +151,7 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads torch threads)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: --jobs > 1: 1)")
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument("--merge", default=None, help="an earlier results.json: its algorithms not run now join the table")
     args = p.parse_args()
     args.threads = args.threads or (1 if args.jobs > 1 else None)
     if not args.summarize_only:

@@ -58,9 +58,14 @@ def run_calls(text) -> list[str]:
 
 
 def main_block(text) -> list[str]:
-    lines = text.splitlines()
-    start = lines.index('if __name__ == "__main__":')
-    return [ln for ln in lines[start:] if "plan.Algorithm(" not in ln]
+    """The lines of the `if __name__` block, without the plan.Algorithm(...) statement (each script's own)."""
+    lines, out, depth = text.splitlines(), [], 0
+    for ln in lines[lines.index('if __name__ == "__main__":'):]:
+        if depth or "plan.Algorithm(" in ln:  # the statement, continuation lines included
+            depth += ln.count("(") - ln.count(")")
+        else:
+            out.append(ln)
+    return out
 
 
 def test_phases_parse():
