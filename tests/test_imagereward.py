@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewards import REGISTRY, RewardError, load_rewards
+from rewards import REGISTRY, load_rewards
 from rewards import convert
 from tests.helpers import reward_server
+from tests.test_clip_rewards import MEAN, STD, by_hand, grid_images, one_line  # OpenAI CLIP's mean and std
 
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float64).view(3, 1, 1)  # OpenAI CLIP's
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711], dtype=torch.float64).view(3, 1, 1)
 VISION = dict(width=32, layers=2, heads=4, patch=8, image=32)
 TEXT = dict(width=768, layers=2, heads=12, inter=64, positions=40)  # 768: the MLP's input, as BERT-base's
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "blue", "dog", "on", "the", "moon", "x"]
@@ -139,21 +138,6 @@ def upstream_score(sd, pixels, prompts):
     return (h.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
 
 
-def grid_images(n, h=32, w=32, seed=0):
-    """Images on the uint8 grid (k / 255): exact through the processor and the server."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
-
-
-def by_hand(images):
-    return (images.double() - MEAN) / STD
-
-
-def one_line(fn, *args, match, **kwargs):
-    with pytest.raises((RewardError, SystemExit), match=match) as e:
-        fn(*args, **kwargs)
-    assert "\n" not in str(e.value)
-    return str(e.value)
 
 
 @pytest.fixture(scope="module")
