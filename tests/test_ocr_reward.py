@@ -134,3 +134,35 @@ def test_server_gives_the_same_scores(ocr_set, tmp_path):
         assert torch.equal(s, ocr_set.score(x, list(prompts), list(metadata))["ocr"])
         one_line(remote.score, x[:1], ["no quotes here"], [{}],
                  match=r"reward 'ocr': .*422.*prompt 'no quotes here' has no text in double quotes")
+
+
+def test_score_command_prints_one_for_the_drawn_sign(tmp_path):
+    """`python -m rewards score --reward ocr` on a PIL-drawn "FLOW 42" sign: 1.0 for a prompt asking for it."""
+    from tests.test_score_command import printed, run
+    path = str(tmp_path / "sign.png")
+    Image.fromarray((render("FLOW 42") * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+    r = run("--reward", "ocr", "--prompt", 'a sign that says "FLOW 42"', path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    scores, mean = printed(r.stdout)
+    assert scores == {path: 1.0} and mean.startswith("1.000000\t")
+
+
+def test_tiny_flux1_run_reads_every_sample(tmp_path, monkeypatch):
+    """A tiny FLUX.1 GRPO run with --reward ocr on a dataset in the reference project's OCR layout (train.txt and
+    test.txt, one prompt per line, the text to render in double quotes): every generated sample is read by the
+    engine, and the reward is logged."""
+    from tests.helpers import tiny_run
+    words = ["OPEN", "EXIT", "FLOW 42", "HELLO", "SALE", "CAFE", "STOP", "NO ENTRY"]
+    data = tmp_path / "ocr"
+    data.mkdir()
+    (data / "train.txt").write_text("".join(f'A shop sign that says "{w}"\n' for w in words))
+    (data / "test.txt").write_text('A banner reading "WELCOME"\n')
+    reads = []
+    real_read = OcrReward.read
+    monkeypatch.setattr(OcrReward, "read", lambda self, image: reads.append(image.shape) or real_read(self, image))
+    rows = tiny_run("grpo", tmp_path / "run", "--dataset", str(data), "--reward", "ocr")
+    trained = next(r for r in rows if r["epoch"] == 0)
+    n = trained["samples"]
+    assert n == 16 and 0.0 <= trained["reward/ocr_mean"] <= 1.0  # 4 prompts x 4 images of the tiny model's noise
+    # the engine's warm-up read when the reward loads, the start-up probe's 2 images, then every sample of the epoch
+    assert len(reads) == 1 + 2 + n and all(shape == (64, 64, 3) for shape in reads[1:]), reads
