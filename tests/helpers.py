@@ -93,20 +93,24 @@ def reward_server(reward, log_path, *flags):
                                  str(port), "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, open(log_path).read()
-            try:
-                if httpx.get(url + "/health", timeout=1).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"the {reward} server did not come up: {open(log_path).read()}"
-            time.sleep(0.2)
+        wait_for_health(reward, url, proc, log_path, time.monotonic() + 600)
         yield url
     finally:
         proc.kill()
         proc.wait()
+
+
+def wait_for_health(name, url, proc, log_path, deadline, headers=None):
+    """Until `url`/health answers 2xx; the server's log in the failure when it exits or `deadline` passes."""
+    while True:
+        assert proc.poll() is None, f"the {name} server exited: {open(log_path).read()}"
+        try:
+            if httpx.get(url + "/health", timeout=1, headers=headers).is_success:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the {name} server did not come up: {open(log_path).read()}"
+        time.sleep(0.1)
 
 
 def randomize_lora(adapter):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from rewards import RewardError, check_specs, load_rewards, parse_spec
 from rewards.remote import decode, decode_score_request, encode_score_request
+from tests.helpers import wait_for_health
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "s3cret-test-token"
@@ -127,15 +128,7 @@ def servers(tmp_path_factory):
     deadline = time.monotonic() + 60
     try:
         for name, (url, proc) in procs.items():
-            while True:
-                assert proc.poll() is None, f"{name} server died: {(log_dir / f'{name}.log').read_text()}"
-                try:
-                    if httpx.get(url + "/health", timeout=1, headers={"Authorization": f"Bearer {TOKEN}"}).is_success:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, f"{name} server did not come up"
-                time.sleep(0.1)
+            wait_for_health(name, url, proc, log_dir / f"{name}.log", deadline, {"Authorization": f"Bearer {TOKEN}"})
         yield procs
     finally:
         for _, proc in procs.values():
