@@ -37,7 +37,8 @@ model:
   bench/results/hardware.md              the short table of the README (bench/results/hardware.md's format)
   bench/results/activation_memory.json   activation memory = the second epoch's peak (encoders off the GPU, optimizer
                                          state allocated) minus memory_plan's static training bytes; `--plan` reads it
-  bench/results/peers.md                 --peers: samples per second per GPU beside the peers' published figures
+  bench/results/peers.md                 --peers: samples per second per GPU beside the peers' published figures (not
+                                         in the repository until a GPU run writes it)
   bench/results/gpu_logs/<model>.log     each run's output
 """
 import argparse

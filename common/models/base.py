@@ -37,6 +37,12 @@ def pad_cat(tensors):
     return torch.cat([pad_to(t, n) for t in tensors])
 
 
+def combine_cfg(v, scale):
+    """Classifier-free guidance on a batched [negative; positive] prediction: neg + scale (pos - neg)."""
+    neg, pos = v.chunk(2)
+    return neg + scale * (pos - neg)
+
+
 def _merged_lora_forward(layer, x, *args, **kwargs):
     """A peft LoRA Linear's forward with its active adapters merged into the weight for this call (lora_merged)."""
     base = layer.base_layer

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from transformers import CLIPTextModel, T5EncoderModel
 
 from common.models import tiny_parts
-from common.models.base import ROOT, Adapter
+from common.models.base import Adapter, ROOT, combine_cfg
 
 
 # FLUX.1-dev's scheduler_config.json: exponential dynamic shift with mu from the token count
@@ -115,8 +115,7 @@ class Flux1Adapter(Adapter):
                              pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids,
                              img_ids=state["img_ids"], return_dict=False)[0].float()
         if cfg:
-            neg, pos = v.chunk(2)
-            v = neg + true_cfg_scale * (pos - neg)
+            v = combine_cfg(v, true_cfg_scale)
         return v
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3
 
 from common.errors import ModelError
 from common.models import tiny_parts
-from common.models.base import Adapter, pad_cat
+from common.models.base import Adapter, combine_cfg, pad_cat
 from common.models.z_image import QWEN3_4B
 
 # FLUX.2's scheduler_config.json (FLUX.1-dev's values); mu is passed explicitly, so base/max shift are unused
@@ -232,8 +232,7 @@ class Flux2Adapter(Adapter):
                              encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
                              return_dict=False)[0][:, :length].float()
         if cfg:
-            neg, pos = v.chunk(2)
-            v = neg + guidance_scale * (pos - neg)
+            v = combine_cfg(v, guidance_scale)
         return v
 
     @torch.no_grad()

@@ -50,7 +50,7 @@ from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 from common.errors import ModelError
 from common.models import tiny_parts
-from common.models.base import ROOT, Adapter
+from common.models.base import Adapter, ROOT, combine_cfg
 
 FRAME_RATE = 24.0  # the pipelines' default frame_rate: rope coordinates, audio length, written mp4s
 
@@ -317,8 +317,7 @@ class LTX2Adapter(Adapter):
             return_dict=False)
         v = self._join(v_video[:, c:].float(), v_audio.float())
         if cfg:
-            neg, pos = v.chunk(2)
-            v = neg + guidance_scale * (pos - neg)
+            v = combine_cfg(v, guidance_scale)
         return v
 
     # ---- outputs ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from transformers import CLIPTextModelWithProjection
 
 from common.errors import ModelError
 from common.models import tiny_parts
-from common.models.base import Adapter
+from common.models.base import Adapter, combine_cfg
 from common.models.flux1 import CLIP_L, FLUX_VAE, T5_XXL
 
 # ---- full-size architectures (common/plan.py; issue 13) -------------------------------------------------------------
@@ -132,8 +132,7 @@ class SD3Adapter(Adapter):
         v = self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb, pooled_projections=pooled,
                              return_dict=False)[0].float()
         if cfg:
-            neg, pos = v.chunk(2)
-            v = neg + guidance_scale * (pos - neg)
+            v = combine_cfg(v, guidance_scale)
         return v
 
     @torch.no_grad()
