@@ -73,14 +73,17 @@ TRANSFORMERS = {
     ("wan2_i2v", "2.2-a14b"): (WAN_14B + 20 * 4 * 5120, "Wan2.2-I2V-A14B: 14B experts with 36 input channels"),
     ("wan2_i2v", "2.2-ti2v-5b"): (5 * B, "Wan2.2-TI2V-5B"),
     # explicit: the count of the conversion-script config, which the name "19B" rounds (test_model_ltx2.py)
-    ("ltx2", None): (18_876_174_592, "LTX-2: the 19B audio-video transformer"),
-    ("ltx2_i2v", None): (18_876_174_592, "LTX-2 image-to-video: the same transformer"),
+    ("ltx2", "2.0"): (18_876_174_592, "LTX-2: the 19B audio-video transformer"),
+    ("ltx2_i2v", "2.0"): (18_876_174_592, "LTX-2 image-to-video: the same transformer"),
+    # LTX-2.3: the name's 22B counts its per-modality text connectors (3.17B) too
+    ("ltx2", "2.3"): (18_988_838_144, "LTX-2.3: the transformer with gated attention and prompt modulation"),
+    ("ltx2_i2v", "2.3"): (18_988_838_144, "LTX-2.3 image-to-video: the same transformer"),
 }
 # rounded names: (figure, significant digits as written); the count must round to it ("4B": 3.5-4.5B)
 NAME_FIGURES = {("sd3_5", "medium"): (2.5 * B, 2), ("flux2-klein", "4b"): (4 * B, 1),
                 ("wan2_t2v", "2.1-14b"): (14 * B, 2), ("wan2_t2v", "2.2-a14b"): (14 * B, 2),
-                ("wan2_i2v", "2.2-a14b"): (14 * B, 2), ("ltx2", None): (19 * B, 2),
-                ("ltx2_i2v", None): (19 * B, 2), ("qwen-image-2.1", None): (7 * B, 1)}
+                ("wan2_i2v", "2.2-a14b"): (14 * B, 2), ("ltx2", "2.0"): (19 * B, 2),
+                ("ltx2_i2v", "2.0"): (19 * B, 2), ("qwen-image-2.1", None): (7 * B, 1)}
 # text / image encoders: (component, figure, source); the same published checkpoints reappear across models
 T5_XXL = ("T5-XXL encoder", 4.76 * B)
 UMT5_XXL = ("UMT5-XXL encoder", 5.68 * B)  # "~5.7B"; 5.68B is the encoder of google/umt5-xxl (the figure used)

@@ -1,6 +1,8 @@
-"""The ltx2 and ltx2_i2v adapters (LTX-2, video with audio) against the stock diffusers pipelines on the tiny build
-(random weights, no download); the full-size LTX-2 (19B) on the meta device; the mp4 audio track."""
+"""The ltx2 and ltx2_i2v adapters (LTX-2, video with audio) against the stock diffusers pipelines on the tiny builds of
+both variants, 2.0 and 2.3 (random weights, no download); the full-size LTX-2 (19B) and LTX-2.3 (22B) on the meta
+device; the mp4 audio track."""
 import json
+import types
 
 import av
 import numpy as np
@@ -15,6 +17,7 @@ from common.errors import DataError, ModelError
 from common.models.ltx2 import LTX2Adapter, LTX2I2VAdapter, audio_sample_rate
 from common.video import read_video, write_video
 from tests.helpers import checks_only, randomize_lora
+from tests.test_grpo import fresh_accelerator_state, read_metrics  # noqa: F401 (autouse fixture)
 
 PROMPTS, NEG = ["a red cat on a mat", "a dog barks"], ["blurry", ""]
 SIZE, FRAMES = 64, 5
@@ -24,9 +27,15 @@ def _image(seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=[LTX2Adapter, LTX2I2VAdapter], ids=["t2v", "i2v"])
+# (adapter, variant) of every parity test: both pipelines on the tiny 2.0 and 2.3 builds
+CASES = [(LTX2Adapter, "2.0"), (LTX2I2VAdapter, "2.0"), (LTX2Adapter, "2.3"), (LTX2I2VAdapter, "2.3")]
+IDS = ["t2v", "i2v", "t2v-2.3", "i2v-2.3"]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=IDS)
 def ltx(request):
-    return request.param.load(tiny=True)
+    cls, variant = request.param
+    return cls.load(tiny=True, variant=variant)
 
 
 def _inputs(a, images=None):
@@ -55,6 +64,78 @@ def test_registered_with_the_model_facts():
         LTX2Adapter.check_size(48, 64, 9)
     with pytest.raises(ModelError, match="8k\\+1"):
         LTX2Adapter.check_size(64, 64, 4)
+    # variants: 2.0 the default; 2.3 the diffusers-format copy diffusers' docs load (Lightricks/LTX-2.3 holds only the
+    # original single files)
+    for cls in (LTX2Adapter, LTX2I2VAdapter):
+        assert cls.variants == {"2.0": "Lightricks/LTX-2", "2.3": "diffusers/LTX-2.3-Diffusers"}
+        assert cls.check_variant(None) == "2.0" and cls.hub_id == "Lightricks/LTX-2"
+        assert set(cls.full_configs) == set(cls.variants)
+    with pytest.raises(ModelError, match="ltx2 has no variant '2.5'; known: 2.0, 2.3"):
+        models.adapter_class("ltx2", "2.5")
+
+
+def test_each_variant_loads_its_hub_id(monkeypatch):
+    seen = []
+
+    def from_pretrained(path, **kw):  # stands in for the download: record what the loader asked for
+        seen.append(path)
+        raise OSError("offline")
+
+    for cls in (LTX2Adapter, LTX2I2VAdapter):
+        monkeypatch.setattr(cls.pipeline_cls, "from_pretrained", from_pretrained)
+        for variant in (None, "2.0", "2.3"):
+            with pytest.raises(ModelError, match="offline"):
+                models.load(cls.name, variant=variant)
+    assert seen == ["Lightricks/LTX-2", "Lightricks/LTX-2", "diffusers/LTX-2.3-Diffusers"] * 2
+
+
+def test_tiny_23_has_the_23_switches_and_they_matter():
+    """The tiny 2.3 build runs LTX-2.3's paths: gated attention, prompt modulation on `sigma`, no caption projections,
+    per-modality connectors, the vocoder with bandwidth extension; the tiny 2.0 build none of them. A wrong `sigma` or
+    a flipped use_cross_timestep changes the velocity, so the pipeline parity tests would catch either (the timestep
+    rule only matters where the video's timestep is not the audio's: image-to-video's condition frame at 0)."""
+    old, new = LTX2Adapter.load(tiny=True), LTX2Adapter.load(tiny=True, variant="2.3")
+    assert old.variant == "2.0" and new.variant == "2.3"
+    cfg = new.config
+    assert cfg.cross_attn_mod and cfg.audio_cross_attn_mod and cfg.gated_attn and cfg.audio_gated_attn
+    assert not cfg.use_prompt_embeddings and cfg.perturbed_attn and new.transformer.prompt_modulation
+    assert new.use_cross_timestep and not old.use_cross_timestep and not old.transformer.prompt_modulation
+    assert new.pipe.connectors.config.per_modality_projections
+    assert not old.pipe.connectors.config.per_modality_projections
+    assert type(new.pipe.vocoder).__name__ == "LTX2VocoderWithBWE" and type(old.pipe.vocoder).__name__ == "LTX2Vocoder"
+    state, cond = _inputs(new)
+    z = new.prepare_noise(2, SIZE, SIZE, torch.Generator().manual_seed(2), num_frames=FRAMES)
+    f, h, w = state["latent_grid"]
+    video, audio = new._unjoin(z, state)
+    t = torch.full((2,), 600.0)
+    kw = dict(hidden_states=video, audio_hidden_states=audio, encoder_hidden_states=cond["prompt_embeds"],
+              audio_encoder_hidden_states=cond["audio_prompt_embeds"], timestep=t, audio_timestep=t,
+              encoder_attention_mask=cond["prompt_mask"], audio_encoder_attention_mask=cond["prompt_mask"],
+              num_frames=f, height=h, width=w, fps=24.0, audio_num_frames=state["audio_frames"],
+              use_cross_timestep=True, return_dict=False)
+    with torch.no_grad():
+        same, other = new.transformer(**kw, sigma=t), new.transformer(**kw, sigma=t / 2)
+        assert (same[0] - other[0]).abs().max() > 1e-3 and (same[1] - other[1]).abs().max() > 1e-3
+        # predict passes t = 1000 sigma as `sigma` too, as the pipelines do (sigma=timestep)
+        v = new.predict(z, 0.6, cond, state, 1.0)
+        assert (v - new._join(same[0].float(), same[1].float())).abs().max() < 1e-5
+        i2v = LTX2I2VAdapter.load(tiny=True, variant="2.3")
+        state, cond = _inputs(i2v)
+        z = i2v.prepare_noise(2, SIZE, SIZE, torch.Generator().manual_seed(2), num_frames=FRAMES)
+        v = i2v.predict(z, 0.6, cond, state, 3.0)
+        i2v.use_cross_timestep = False
+        assert (i2v.predict(z, 0.6, cond, state, 3.0) - v).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cls,variant", CASES, ids=IDS)
+def test_condition_elements_count_what_encode_prompt_stores(cls, variant):
+    """The memory plan's estimate per sample (docs/models.md 2) equals one row of the stored conditioning: 2.0's
+    connector streams are both as wide as the caption, 2.3's as wide as each modality's text width."""
+    a = cls.load(tiny=True, variant=variant)
+    state, cond = _inputs(a)
+    per_row = sum(v[0].numel() for v in cond.values())
+    got, _ = a.condition_elements(types.SimpleNamespace(max_sequence_length=16), state["latent_grid"])
+    assert got == per_row
 
 
 def test_sigmas_are_the_dynamically_shifted_grid(ltx):
@@ -147,13 +228,13 @@ def test_i2v_dataset_is_checked_before_loading(tmp_path):
         checks_only("grpo", args)
 
 
-@pytest.mark.parametrize("cls", [LTX2Adapter, LTX2I2VAdapter], ids=["t2v", "i2v"])
-def test_saved_lora_loads_into_the_stock_pipeline(cls, tmp_path):
-    trained = cls.load(tiny=True)
-    assert trained.add_lora(4, 8) == 2 * 28  # docs/models.md 4: 28 per block, 2 tiny blocks
+@pytest.mark.parametrize("cls,variant", CASES, ids=IDS)
+def test_saved_lora_loads_into_the_stock_pipeline(cls, variant, tmp_path):
+    trained = cls.load(tiny=True, variant=variant)
+    assert trained.add_lora(4, 8) == 2 * 28  # docs/models.md 4: 28 per block, 2 tiny blocks (2.3's gates not targeted)
     randomize_lora(trained)
     trained.save_lora(str(tmp_path))
-    fresh = cls.load(tiny=True)
+    fresh = cls.load(tiny=True, variant=variant)
     state, cond = _inputs(fresh)
     z = fresh.prepare_noise(2, SIZE, SIZE, torch.Generator().manual_seed(3), num_frames=FRAMES)
     nv = state["split"][0]
@@ -204,6 +285,74 @@ def test_memory_plan(monkeypatch, tmp_path):
     assert "LoRA GRPO on one 80 GB GPU: " in text and "with FSDP: " in text
 
 
+# the 2.3 transformer derived by hand from 2.0's 18,876,174,592 (tests/test_full_size.py), with the switches of the
+# conversion script's "2.3" config: per block, a per-head gate (width -> 32 heads, bias) on each of the 3 video-query
+# and 3 audio-query attentions, the prompt scale / shift table (2 rows) and 3 more rows of the block's modulation
+# table, per modality; 3 more timestep modulation outputs per modality; the prompt_adaln embedders (256 -> d -> d, then
+# d -> 2d); less the 2.0 caption projections (3840 -> d -> d per modality)
+def _ltx23_transformer_count():
+    D, A, heads, L, C = 4096, 2048, 32, 48, 3840
+
+    def lin(i, o):
+        return i * o + o
+    block = 3 * lin(D, heads) + 3 * lin(A, heads) + (2 + 3) * (D + A)
+    top = 3 * (D * D + D) + 3 * (A * A + A)
+    top += sum(lin(256, d) + lin(d, d) + lin(d, 2 * d) for d in (D, A))
+    caption = lin(C, D) + lin(D, D) + lin(C, A) + lin(A, A)
+    return 18_876_174_592 + L * block + top - caption
+
+
+@pytest.fixture(scope="module")
+def full23():
+    return plan.full_adapter("ltx2", "2.3")
+
+
+def test_full_size_23(full23):
+    """LTX-2.3 on meta: the transformer of the conversion script's 2.3 config, 18.99B, equals the hand count; with its
+    text connectors (8 layers, per-modality projections: 3.17B, stored under the diffusion model's prefix in the
+    original checkpoint) it is the "22B" of the checkpoint's name (ltx-2.3-22b-dev); the same latents as 2.0, 48 kHz
+    sound, the same 48 x 28 LoRA targets, Gemma-3-12B."""
+    pipe = full23.pipe
+    n = plan.tensor_count(pipe.transformer, persistent_only=True)
+    connectors = plan.tensor_count(pipe.connectors, persistent_only=True)
+    print(f"LTX-2.3 transformer {n:,}, connectors {connectors:,}, together {n + connectors:,}")
+    assert n == _ltx23_transformer_count() == 18_988_838_144
+    assert round((n + connectors) / 1e9) == 22
+    assert abs(plan.tensor_count(pipe.text_encoder, persistent_only=True) - 12.2e9) < 0.01 * 12.2e9
+    assert full23.use_cross_timestep and pipe.transformer.prompt_modulation
+    assert not pipe.transformer.config.use_prompt_embeddings
+    assert pipe.vocoder.config.output_sampling_rate == 48000 and audio_sample_rate(full23) == 48000
+    assert (pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio) == (32, 8)
+    assert len(plan.lora_modules(pipe.transformer, full23.default_target_modules)) == 48 * 28
+    state = full23.make_state(512, 768, 25)
+    assert state["latent_grid"] == (4, 16, 24) and state["audio_frames"] == 26
+    assert tuple(full23.prepare_noise(1, 512, 768, num_frames=25).shape) == (1, 4 * 16 * 24 * 128 + 26 * 128)
+    # the stored conditioning: video 4096 + audio 2048 wide streams (2.0: 3840 + 3840) and masks, prompt and negative
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--model", "ltx2", "--variant", "2.3"])
+    assert full23.condition_elements(args)[0] == 2 * 256 * (4096 + 2048 + 1)
+
+
+def test_memory_plan_23(full23, monkeypatch, tmp_path):
+    """`--plan --variant 2.3`: the full-size LTX-2.3 on meta, its transformer in the plan."""
+    monkeypatch.setattr(plan, "ACTIVATIONS_JSON", str(tmp_path / "none.json"))
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, ["--model", "ltx2", "--variant", "2.3"])
+    rows = {r.name: r for r in plan.memory_plan(args, plan.Algorithm("GRPO", latents_per_sample=2), 1, meta=full23)}
+    assert rows["transformer (frozen base)"].params == 18_988_838_144
+    text = plan.run_plan(args, plan.Algorithm("GRPO", latents_per_sample=2), num_processes=1)
+    assert "ltx2 2.3" in text and "LoRA GRPO on one 80 GB GPU: " in text
+
+
+def test_grpo_runs_the_tiny_23(tmp_path):
+    """`grpo.py --model ltx2 --variant 2.3 --tiny`, one epoch in-process: rollouts, rewards, a LoRA step."""
+    args = parse_with_presets(grpo.Args, grpo.PRESETS, grpo.TINY, [
+        "--model", "ltx2", "--variant", "2.3", "--tiny", "--num-epochs", "1", "--prompts-per-epoch", "2",
+        "--group-size", "2", "--eval-every", "0", "--log-with", "none", "--output-dir", str(tmp_path / "run")])
+    grpo.main(args)
+    rows = read_metrics(tmp_path / "run")
+    assert rows and all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    assert json.load(open(tmp_path / "run/config.json"))["variant"] == "2.3"
+
+
 # ---- the mp4 audio track ---------------------------------------------------------------------------------------------
 def test_mp4_with_the_audio_track_round_trips(tmp_path):
     sr, n = 24000, 12000
@@ -226,8 +375,12 @@ def test_mp4_with_the_audio_track_round_trips(tmp_path):
 
 
 def test_decoded_audio_rate_and_length():
-    a = LTX2Adapter.load(tiny=True)
-    state, cond = _inputs(a)
-    z = a.prepare_noise(2, SIZE, SIZE, torch.Generator().manual_seed(1), num_frames=FRAMES)
-    audio = a.decode_audio(z, state, cond)
-    assert audio_sample_rate(a) == 16000 and audio.shape[:2] == (2, 2) and torch.isfinite(audio).all()
+    """The tiny 2.0 vocoder at a nominal 16 kHz; the tiny 2.3 one extends it x3 to 48 kHz (its real one 16 -> 48 kHz):
+    three times the samples of the same track."""
+    old, new = LTX2Adapter.load(tiny=True), LTX2Adapter.load(tiny=True, variant="2.3")
+    state, cond = _inputs(old)
+    z = old.prepare_noise(2, SIZE, SIZE, torch.Generator().manual_seed(1), num_frames=FRAMES)
+    audio, audio23 = old.decode_audio(z, state, cond), new.decode_audio(z, state, cond)
+    assert audio_sample_rate(old) == 16000 and audio.shape[:2] == (2, 2) and torch.isfinite(audio).all()
+    assert audio_sample_rate(new) == 48000 and audio23.shape == (2, 2, 3 * audio.shape[2])
+    assert torch.isfinite(audio23).all() and 0 < audio23.abs().max() < 1  # inside the final clamp

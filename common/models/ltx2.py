@@ -1,13 +1,15 @@
 """LTX-2 text-to-video-with-audio (`ltx2`) and image-to-video-with-audio (`ltx2_i2v`) adapters over diffusers'
-LTX2Pipeline and LTX2ImageToVideoPipeline components (LTX-2, 19B).
+LTX2Pipeline and LTX2ImageToVideoPipeline components. Variants: `2.0` (LTX-2, 19B, the default) and `2.3` (LTX-2.3,
+22B); both run through the same pipeline classes, and everything below holds for both unless stated.
 
 Facts. One transformer denoises two latents jointly, with audio<->video cross-attention in every block:
 - Video: a causal video VAE of 128 channels, x32 spatial and x8 temporal, normalised per channel (latents_mean /
   latents_std, scaling_factor); latents (B, 128, 1 + (F-1)//8, H/32, W/32) packed (patch 1) into tokens (B, S_v, 128),
   frames then rows then columns. So H, W are multiples of 32 and F = 8k + 1.
-- Audio: a mel-spectrogram VAE (8 channels, x4 in time and in mel bins) and a vocoder to the waveform (24 kHz, stereo);
-  latents (B, 8, L, 64/4) packed into (B, L, 8 x 16 = 128) tokens, normalised per packed channel. L, the audio latent
-  frames, follows the video's duration: round(F / frame_rate x sample_rate / hop / 4) = round(F / 24 x 25).
+- Audio: a mel-spectrogram VAE (8 channels, x4 in time and in mel bins) and a vocoder to the stereo waveform (24 kHz
+  for 2.0, 48 kHz for 2.3); latents (B, 8, L, 64/4) packed into (B, L, 8 x 16 = 128) tokens, normalised per packed
+  channel. L, the audio latent frames, follows the video's duration: round(F / frame_rate x sample_rate / hop / 4) =
+  round(F / 24 x 25).
 - The sampler's state is ONE tensor per sample: the joint latent z = [video tokens flattened, audio tokens flattened],
   (B, S_v C_v + L C_a). Every sampler operation is elementwise, and a log-probability is the mean over all elements,
   so both modalities take the same SDE/ODE steps and share one log-probability per transition (video and audio are
@@ -15,27 +17,42 @@ Facts. One transformer denoises two latents jointly, with audio<->video cross-at
 - Noise: the pipeline's order on one CPU generator, fp32: the video randn (B, C, f, h, w), then the audio randn
   (B, C_a, L, M); each packed, then concatenated.
 - Text: Gemma-3 (12B) hidden states of every layer (49 = 48 + embeddings), left-padded to max_sequence_length, stacked;
-  the text connectors (frozen, part of the pipeline) normalise them per layer over the real tokens and turn them into
-  a video and an audio caption stream with a binary mask. Those connector outputs are what `encode_prompt` stores.
+  the text connectors (frozen, part of the pipeline) turn them into a video and an audio caption stream with a binary
+  mask. Those connector outputs are what `encode_prompt` stores. 2.0: one projection after a per-layer masked norm,
+  both streams 3840 wide (the transformer's caption projections map them to 4096 / 2048); 2.3: a per-token RMS norm
+  and one projection per modality, the streams already 4096 / 2048 wide (the transformer has no caption projection).
 - Schedule: FlowMatchEulerDiscreteScheduler on linspace(1, 1/N, N) with the exponential dynamic shift, mu from the
-  VIDEO token count (the scheduler config's base/max image_seq_len and shifts; LTX-2's: 1024 -> 0.95, 4096 -> 2.05,
-  shift_terminal 0.1 [recalled from the hub scheduler_config.json]); audio uses the same sigmas.
-- Time: the transformer takes t = 1000 sigma as `timestep` (and `sigma`, the LTX-2.3 prompt modulation's input).
+  VIDEO token count (the scheduler config's base/max image_seq_len and shifts: 1024 -> 0.95, 4096 -> 2.05,
+  shift_terminal 0.1, what diffusers' convert_ltx2_to_diffusers.py writes for the non-distilled 2.0 and 2.3
+  checkpoints; the hub files themselves are not read here); audio uses the same sigmas.
+- Time: the transformer takes t = 1000 sigma as `timestep`, and the same t as `sigma`: the input of LTX-2.3's prompt
+  modulation (cross_attn_mod: the text cross-attention's keys / values modulated by the noise level), which the
+  pipelines pass as `sigma=timestep` (per sample, also in image-to-video).
 - Guidance: CFG v = v_neg + s (v_pos - v_neg) on both modalities when guidance_scale > 1, batched [negative, positive];
   the audio scale is the video scale (the pipeline's audio_guidance_scale defaults to it). The pipeline writes the same
   combination in x0 = z - sigma v (linear, so equal up to rounding); its extra guidance terms (STG, modality
   isolation, rescale) are off here, as in the peers' LTX-2 RL recipes. `use_cross_timestep`: LTX-2.0's legacy False;
-  True for a transformer with LTX-2.3's prompt modulation (cross_attn_mod), as the pipeline documents the two.
+  True for a transformer with LTX-2.3's prompt modulation (cross_attn_mod), as the pipeline documents the two (its
+  default is True). Read from the loaded transformer's config, so a `--model-path` checkpoint decides, not the name.
 - Frame rate: 24 fps (the pipeline's default) for the rope coordinates and the audio length; outputs are written at it.
 
-Image-to-video: the first frame (re-compressed through H.264 at the pipeline's CRF, 33 for Gemma-3 checkpoints, then
-resized) is VAE-encoded (posterior mode) and normalised; it IS latent frame 0, with timestep 0 on its tokens (the
-audio keeps t), and the pipeline never updates it. As for Wan2.2-TI2V-5B, our z excludes those tokens (RL log-probs
-see only generated frames and the audio): prepare_noise drops them from the pipeline's full noise, predict prepends
-the condition and drops it from the output, decode prepends it again (so decode needs `cond`).
+Image-to-video: the first frame (re-compressed through H.264 at the pipeline's CRF, 33 for Gemma-3 checkpoints, so 2.0
+and 2.3 alike, then resized) is VAE-encoded (posterior mode) and normalised; it IS latent frame 0, with timestep 0 on
+its tokens (the audio and `sigma` keep t), and the pipeline never updates it. As for Wan2.2-TI2V-5B, our z excludes
+those tokens (RL log-probs see only generated frames and the audio): prepare_noise drops them from the pipeline's full
+noise, predict prepends the condition and drops it from the output, decode prepends it again (so decode needs `cond`).
 
 Audio out: `decode` returns the video (B, F, 3, H, W) like every video model; `decode_audio` the waveform
 (B, channels, samples) at `audio_sample_rate(self)` (the vocoder's output rate).
+
+LTX-2.3 against LTX-2.0 (diffusers' convert_ltx2_to_diffusers.py, versions "2.0" and "2.3", and the diffusers
+classes' switches): the same 48 blocks and widths, latents, scheduler, Gemma-3-12B and CRF. The 2.3 transformer adds
+per-head gated attention (gated_attn, audio_gated_attn), prompt modulation (cross_attn_mod, audio_cross_attn_mod:
+prompt_adaln on `sigma`, a per-block prompt scale / shift table, 9 timestep modulation parameters instead of 6) and the
+STG-capable attention processor (perturbed_attn, inert without a perturbation mask), and drops the caption projections
+(use_prompt_embeddings False); its connectors have 8 layers and per-modality projections (per_modality_projections);
+its video VAE other block widths (x32 / x8 unchanged); its vocoder is LTX2VocoderWithBWE (a 16 kHz vocoder, then a
+bandwidth extension to 48 kHz). The adapter has no variant branch: what differs is read from the loaded configs.
 """
 import numpy as np
 import torch
@@ -44,7 +61,7 @@ from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatch
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from diffusers.pipelines.ltx2.pipeline_ltx2_image2video import retrieve_latents
 from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf, resolve_default_image_crf
-from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
 from PIL import Image
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -54,25 +71,54 @@ from common.models.base import Adapter, ROOT, combine_cfg
 
 FRAME_RATE = 24.0  # the pipelines' default frame_rate: rope coordinates, audio length, written mp4s
 
-# LTX-2's scheduler_config.json [recalled]: the exponential dynamic shift between 1024 tokens (0.95) and 4096 (2.05),
-# stretched so the last non-zero sigma is 0.1
+# the exponential dynamic shift between 1024 tokens (0.95) and 4096 (2.05), stretched so the last non-zero sigma is
+# 0.1: what diffusers' convert_ltx2_to_diffusers.py writes for a non-distilled checkpoint, 2.0 and 2.3 alike
+# (time_shift_type: the class default, "exponential"); the published scheduler_config.json files are not read here
 SCHEDULER_CONFIG = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
                         max_image_seq_len=4096, shift_terminal=0.1, time_shift_type="exponential")
 
+# --variant -> hub id. 2.0: Lightricks/LTX-2 holds the diffusers folders beside the original files. 2.3:
+# Lightricks/LTX-2.3 holds only the original single-file checkpoints (ltx-2.3-22b-dev.safetensors, ...); the
+# diffusers-format copy that diffusers' own LTX-2 pipeline docs load (api/pipelines/ltx2.md) is the one named here
+VARIANTS = {"2.0": "Lightricks/LTX-2", "2.3": "diffusers/LTX-2.3-Diffusers"}
+
 # ---- full-size architectures (common/plan.py) ------------------------------------------------------------------------
-# LTX-2.0 (19B), diffusers' conversion script: 48 blocks, video 32 heads x 128 (4096), audio 32 x 64 (2048), 128 latent
-# channels in both, patch 1, caption width 3840 (Gemma-3-12B)
-_TRANSFORMER = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
-                    attention_head_dim=128, cross_attention_dim=4096, audio_in_channels=128, audio_out_channels=128,
-                    audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
-                    num_layers=48, caption_channels=3840)
-# the video VAE, audio VAE, vocoder and connectors: the diffusers classes' defaults, which are LTX-2.0's (conversion
-# script: x32 / x8 video VAE with 128 latents; 24 kHz vocoder; 2 connector layers of 30 x 128 with 128 registers)
-# (its config states the ratios: the class would derive x16 in time from its four scaling blocks)
-_VAE = dict(timestep_conditioning=False, decoder_causal=False, spatial_compression_ratio=32,
-            temporal_compression_ratio=8)
+# diffusers' convert_ltx2_to_diffusers.py, get_ltx2_*_config(version). LTX-2.0 (19B): 48 blocks, video 32 heads
+# x 128 (4096), audio 32 x 64 (2048), 128 latent channels in both, patch 1, caption width 3840 (Gemma-3-12B), split rope
+_TRANSFORMER_20 = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+                       attention_head_dim=128, cross_attention_dim=4096, audio_in_channels=128, audio_out_channels=128,
+                       audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
+                       num_layers=48, caption_channels=3840, rope_type="split")
+# LTX-2.3 (22B): the same sizes with its switches on: gated attention, prompt modulation, the STG processor, no caption
+# projections. 18.99B (2.0: 18.88B); the name's 22B matches it with its text connectors (3.17B), which the original
+# checkpoint stores under the diffusion model's prefix (the conversion script reads them from there)
+_LTX23_SWITCHES = dict(gated_attn=True, cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
+                       use_prompt_embeddings=False, perturbed_attn=True)
+_TRANSFORMER_23 = dict(_TRANSFORMER_20, **_LTX23_SWITCHES)
+# video VAE, 2.0: the diffusers class's defaults are its blocks (x32 / x8 video VAE with 128 latents; its config
+# states the ratios: the class would derive x16 in time from its four scaling blocks)
+_VAE_20 = dict(timestep_conditioning=False, decoder_causal=False, spatial_compression_ratio=32,
+               temporal_compression_ratio=8)
+# 2.3: other block widths and a fourth decoder block, still x32 / x8 with 128 latents (timestep_conditioning is the
+# script's --timestep_conditioning flag, off by default)
+_VAE_23 = dict(_VAE_20, block_out_channels=(256, 512, 1024, 1024), decoder_block_out_channels=(256, 512, 512, 1024),
+               layers_per_block=(4, 6, 4, 2, 2), decoder_layers_per_block=(4, 6, 4, 2, 2),
+               decoder_spatio_temporal_scaling=(True,) * 4, decoder_inject_noise=(False,) * 5,
+               upsample_type=("spatiotemporal", "spatiotemporal", "temporal", "spatial"),
+               upsample_residual=(False,) * 4, upsample_factor=(2, 2, 1, 2), decoder_spatial_padding_mode="zeros")
+# text connectors, 2.0: the class defaults (2 layers of 30 x 128 = 3840 per modality, 128 registers, one projection of
+# the 49 x 3840 stacked states) with split rope; 2.3: 8 layers of 32 x 128 (video) and 32 x 64 (audio), gated, one
+# biased projection per modality to 4096 / 2048
+_CONNECTORS_20 = dict(rope_type="split")
+_CONNECTORS_23 = dict(rope_type="split", video_connector_num_attention_heads=32, video_connector_attention_head_dim=128,
+                      video_connector_num_layers=8, video_gated_attn=True, audio_connector_num_attention_heads=32,
+                      audio_connector_attention_head_dim=64, audio_connector_num_layers=8, audio_gated_attn=True,
+                      per_modality_projections=True, video_hidden_dim=4096, audio_hidden_dim=2048, proj_bias=True)
+# vocoder, 2.0: LTX2Vocoder's defaults (24 kHz); 2.3: LTX2VocoderWithBWE's defaults, which are the script's 2.3 config
+# (a 1536-wide snakebeta vocoder at 16 kHz, a 512-wide bandwidth extension to 48 kHz)
 # google/gemma-3-12b-it (config.json [recalled]): 48 x 3840 text layers, GQA 16/8 of width 256, a 27-layer SigLIP
-# vision tower at 896 px; the pipeline reads every hidden state (49 x 3840)
+# vision tower at 896 px; the pipeline reads every hidden state (49 x 3840). The text encoder of 2.0 and 2.3 (the
+# conversion script's default for both: google/gemma-3-12b-it-qat-q4_0-unquantized, the same architecture)
 GEMMA3_12B = dict(
     text_config=dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
                      num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=1024,
@@ -80,22 +126,34 @@ GEMMA3_12B = dict(
     vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                        image_size=896, patch_size=14),
     mm_tokens_per_image=256)
-FULL = {"transformer": (LTX2VideoTransformer3DModel, _TRANSFORMER), "vae": (AutoencoderKLLTX2Video, _VAE),
-        "audio_vae": (AutoencoderKLLTX2Audio, {}), "vocoder": (LTX2Vocoder, {}),
-        "connectors": (LTX2TextConnectors, {}), "text_encoder": (Gemma3ForConditionalGeneration, GEMMA3_12B)}
+# the audio VAE is the class's defaults in both (the script: "Same config as LTX-2.0")
+FULL = {
+    "2.0": {"transformer": (LTX2VideoTransformer3DModel, _TRANSFORMER_20), "vae": (AutoencoderKLLTX2Video, _VAE_20),
+            "audio_vae": (AutoencoderKLLTX2Audio, {}), "vocoder": (LTX2Vocoder, {}),
+            "connectors": (LTX2TextConnectors, _CONNECTORS_20),
+            "text_encoder": (Gemma3ForConditionalGeneration, GEMMA3_12B)},
+    "2.3": {"transformer": (LTX2VideoTransformer3DModel, _TRANSFORMER_23), "vae": (AutoencoderKLLTX2Video, _VAE_23),
+            "audio_vae": (AutoencoderKLLTX2Audio, {}), "vocoder": (LTX2VocoderWithBWE, {}),
+            "connectors": (LTX2TextConnectors, _CONNECTORS_23),
+            "text_encoder": (Gemma3ForConditionalGeneration, GEMMA3_12B)},
+}
 
 # docs/models.md 4: per block the q, k, v, out of the six attentions (video and audio self-attention, their text
-# cross-attentions, audio->video and video->audio) and both feed-forwards: 28
+# cross-attentions, audio->video and video->audio) and both feed-forwards: 28 (2.3's per-head gates, to_gate_logits,
+# are not targets)
 _ATTENTIONS = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
 TARGETS = [f"{a}.{p}" for a in _ATTENTIONS for p in ("to_q", "to_k", "to_v", "to_out.0")] + [
     "ff.net.0.proj", "ff.net.2", "audio_ff.net.0.proj", "audio_ff.net.2"]
 
 
 # ---- the tiny build --------------------------------------------------------------------------------------------------
-def _tiny_components():
+def _tiny_components(variant=None):
     """Random tiny components of both pipelines: the interface numbers of LTX-2 but the video VAE's time factor
     (x32 spatial, patch-1 tokens, 4 mel latent bins -> audio tokens of 2 x 4 channels); x4 in time instead of x8, so a
-    tiny video has 5 frames as every tiny video model's."""
+    tiny video has 5 frames as every tiny video model's. variant "2.3": the same sizes with LTX-2.3's switches on (the
+    transformer's gated attention, prompt modulation, STG processor, no caption projections, split rope; per-modality
+    connectors; the vocoder with bandwidth extension), so every 2.3 path of the pipelines runs."""
+    v23 = variant == "2.3"
     tok = tiny_parts.mistral_tokenizer()  # a byte-level fast tokenizer: the pipeline only pads, truncates and masks
     torch.manual_seed(0)
     text_encoder = Gemma3ForConditionalGeneration(Gemma3Config(
@@ -106,18 +164,30 @@ def _tiny_components():
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=28, patch_size=14), mm_tokens_per_image=4)).eval()
     torch.manual_seed(0)
-    # caption width = the Gemma width; 3 = its 2 layers + embeddings; connector width 4 x 8 = the caption width
-    connectors = LTX2TextConnectors(
-        caption_channels=32, text_proj_in_factor=3, video_connector_num_attention_heads=4,
-        video_connector_attention_head_dim=8, video_connector_num_layers=1, video_connector_num_learnable_registers=4,
-        audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
-        audio_connector_num_learnable_registers=4, connector_rope_base_seq_len=32).eval()
+    # caption width = the Gemma width; 3 = its 2 layers + embeddings. 2.0: connector width 4 x 8 = the caption width;
+    # 2.3: the connectors project per modality straight to the transformer's text widths, 2 x 8 = 16 and 2 x 4 = 8
+    if v23:
+        connectors = LTX2TextConnectors(
+            caption_channels=32, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+            video_connector_attention_head_dim=8, video_connector_num_layers=1,
+            video_connector_num_learnable_registers=4, video_gated_attn=True, audio_connector_num_attention_heads=2,
+            audio_connector_attention_head_dim=4, audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=4, audio_gated_attn=True, connector_rope_base_seq_len=32,
+            rope_type="split", per_modality_projections=True, video_hidden_dim=16, audio_hidden_dim=8,
+            proj_bias=True).eval()
+    else:
+        connectors = LTX2TextConnectors(
+            caption_channels=32, text_proj_in_factor=3, video_connector_num_attention_heads=4,
+            video_connector_attention_head_dim=8, video_connector_num_layers=1,
+            video_connector_num_learnable_registers=4, audio_connector_num_attention_heads=4,
+            audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=4, connector_rope_base_seq_len=32).eval()
     torch.manual_seed(0)
     transformer = LTX2VideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
         cross_attention_dim=16, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
         audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, caption_channels=32,
-        vae_scale_factors=(4, 32, 32))
+        vae_scale_factors=(4, 32, 32), **(dict(_LTX23_SWITCHES, rope_type="split") if v23 else {}))
     torch.manual_seed(0)
     # patch 4, then 3 spatial halvings (x32); 2 of them also halve time (x4); the decoder mirrors it
     vae = AutoencoderKLLTX2Video(
@@ -128,7 +198,8 @@ def _tiny_components():
         downsample_type=("spatial", "spatiotemporal", "spatiotemporal"),
         upsample_type=("spatiotemporal", "spatiotemporal", "spatial"), upsample_residual=(False,) * 3,
         upsample_factor=(1, 1, 1), patch_size=4, decoder_causal=False, timestep_conditioning=False,
-        spatial_compression_ratio=32, temporal_compression_ratio=4)
+        spatial_compression_ratio=32, temporal_compression_ratio=4,
+        decoder_spatial_padding_mode="zeros" if v23 else "reflect")  # 2.3's decoder pads with zeros
     # random per-channel statistics, so the tests exercise the normalisation
     vae.latents_mean.uniform_(-0.5, 0.5)
     vae.latents_std.uniform_(0.5, 2.0)
@@ -138,23 +209,39 @@ def _tiny_components():
     audio_vae.latents_mean.uniform_(-0.5, 0.5)
     audio_vae.latents_std.uniform_(0.5, 2.0)
     torch.manual_seed(0)
-    vocoder = LTX2Vocoder(in_channels=2 * 16, hidden_channels=16, out_channels=2, upsample_kernel_sizes=[4, 4],
-                          upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
-                          output_sampling_rate=16000)
+    vocoder_kw = dict(in_channels=2 * 16, hidden_channels=16, out_channels=2, upsample_kernel_sizes=[4, 4],
+                      upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]])
+    if v23:
+        # 4 samples per mel frame at a nominal 16 kHz, then the extension: a causal STFT (hop 4, 16 mel bins) and a
+        # second vocoder upsampling each STFT frame 12 x, added to the x3 resampled waveform: 48 kHz. The STFT and mel
+        # bases are checkpoint buffers (zeros until loaded): random here, so the extension does work; its output layer
+        # scaled down so the sum stays inside the final clamp to [-1, 1] (a clamped sample would hide differences)
+        vocoder = LTX2VocoderWithBWE(
+            **vocoder_kw, bwe_in_channels=2 * 16, bwe_hidden_channels=16, bwe_out_channels=2,
+            bwe_upsample_kernel_sizes=[8, 7], bwe_upsample_factors=[4, 3], bwe_resnet_kernel_sizes=[3],
+            bwe_resnet_dilations=[[1, 3, 5]], filter_length=16, hop_length=4, window_length=16, num_mel_channels=16,
+            input_sampling_rate=16000, output_sampling_rate=48000)
+        stft = vocoder.mel_stft
+        stft.stft_fn.forward_basis.normal_(0, 0.25)
+        stft.mel_basis.uniform_(0, 0.2)
+        vocoder.bwe_generator.conv_out.weight.data.mul_(0.1)
+    else:
+        vocoder = LTX2Vocoder(**vocoder_kw, output_sampling_rate=16000)
     return dict(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae.eval(),
                 audio_vae=audio_vae.eval(), text_encoder=text_encoder, tokenizer=tok, connectors=connectors,
                 transformer=transformer, vocoder=vocoder.eval())
 
 
 def audio_sample_rate(adapter) -> int:
-    """The waveform's sample rate: the vocoder's output rate (24 kHz for LTX-2)."""
+    """The waveform's sample rate: the vocoder's output rate (24 kHz for LTX-2.0, 48 kHz for LTX-2.3)."""
     return int(adapter.pipe.vocoder.config.output_sampling_rate)
 
 
 class LTX2Adapter(Adapter):
     name = "ltx2"
     pipeline_cls = LTX2Pipeline
-    hub_id = "Lightricks/LTX-2"
+    variants = VARIANTS  # "2.0" (default), "2.3"
+    hub_id = VARIANTS["2.0"]
     default_target_modules = TARGETS
     condition_images = "none"
     video = True
@@ -165,11 +252,12 @@ class LTX2Adapter(Adapter):
     # the peers' LTX-2 recipes: 512x768, 24 rollout steps, 50 evaluation steps, CFG 4 in evaluation (their rollouts
     # run CFG-free: --guidance-scale 1; one scale serves both here, so the evaluation's); frames 8k+1, short enough
     # for RL (the recipes do not state theirs); Gemma's 1024 tokens capped at 256 (prompts are short, and the padding
-    # is stored with every sample)
+    # is stored with every sample). One preset for both variants (LTX-2.3's published settings, CFG 3 on video and 7 on
+    # audio with STG and modality guidance, are not what the adapter's one-scale CFG runs; docs/models.md 3.12)
     preset = dict(resolution=(512, 768), eval_resolution=(512, 768), num_frames=25, eval_num_frames=49,
                   num_steps=24, eval_num_steps=50, guidance_scale=4.0, batch_size=1, max_sequence_length=256)
     tiny_preset = dict(num_frames=5, eval_num_frames=5)
-    full_configs = {None: FULL}
+    full_configs = FULL
     unguided = (1.0, 1.0)
 
     def __init__(self, pipe, device="cpu", dtype=torch.float32, variant=None, condition_max_pixels=None, **options):
@@ -181,8 +269,8 @@ class LTX2Adapter(Adapter):
         self.use_cross_timestep = bool(cfg.cross_attn_mod or cfg.audio_cross_attn_mod)
 
     @classmethod
-    def build_tiny(cls):
-        return cls.pipeline_cls(**_tiny_components())
+    def build_tiny(cls, variant=None):
+        return cls.pipeline_cls(**_tiny_components(variant))
 
     @classmethod
     def check_size(cls, height, width, num_frames, variant=None):
@@ -195,9 +283,12 @@ class LTX2Adapter(Adapter):
             raise ModelError(f"{cls.name}: num_frames must be 8k+1 (1, 9, 17, ...), got {num_frames}")
 
     def condition_elements(self, settings, latent_grid=None):
-        # video and audio connector streams of the prompt and of the negative, and their masks
-        width = self.pipe.connectors.config.caption_channels
-        return 2 * settings.max_sequence_length * (2 * width + 1), ""
+        # video and audio connector streams of the prompt and of the negative, and their masks; each stream is as wide
+        # as its connector (2.0: 3840 and 3840; 2.3: 4096 and 2048)
+        c = self.pipe.connectors.config
+        width = (c.video_connector_num_attention_heads * c.video_connector_attention_head_dim
+                 + c.audio_connector_num_attention_heads * c.audio_connector_attention_head_dim)
+        return 2 * settings.max_sequence_length * (width + 1), ""
 
     # ---- sizes ----------------------------------------------------------------------------------------------------
     def _latent_grid(self, height, width, num_frames):
