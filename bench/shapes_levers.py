@@ -1,14 +1,23 @@
-"""The levers of the embedded default (issue 22), each measured on a validation split of the *training* prompts, so
-that the held-out test set selects nothing: the validation rows are the 65 training prompts, 80 rows per category,
-sampled from evaluation noise seeds the rollouts never use. The test numbers are reported once, by `make run`.
+"""The levers of the embedded default, each measured on a validation split so that the held-out test set selects
+nothing; the test numbers are reported once, by `make run` and two other training seeds (docs/shapes.md).
 
-    python bench/shapes_levers.py                                # every variant below, two at a time (1 thread each)
-    python bench/shapes_levers.py --variants before balanced --jobs 1
+Two validation splits (`--split`):
+- heldout (issue 30, the default): a quarter of each category's training prompts (at least one) is held out, as
+  the test set is held out of all prompts; RL trains on the other 48 rows and is validated on 80 rows per category
+  of the held-out ones: generalisation to new combinations, what the test set measures. Runs: bench/results/validation.
+- seen (issue 22): RL trains on all 65 rows and is validated on those same prompts. Runs: bench/results/levers.
+Validation rows use evaluation noise seeds the rollouts never use.
+
+    python bench/shapes_levers.py --variants preset window4      # two variants at once (1 thread each)
+    python bench/shapes_levers.py --variants window4 --seeds 1 2  # more training seeds of one
+    python bench/shapes_levers.py --split seen --variants before balanced --jobs 1
     python bench/shapes_levers.py --summarize-only
+    python bench/shapes_levers.py --spread runs/a runs/b runs/c   # mean +- std over finished runs (seeds)
 
 Each variant is `python grpo.py` with the shapes preset plus its flags (default: its 200 epochs, validation every
-25 on the 480 rows). Runs go to <out>/<variant>/ (a finished run is not repeated); the table: validation strict accuracy
-per category at every evaluation, and the training reward (mean of the last 10 epochs).
+25 on the 480 rows). Runs go to <out>/<variant>/ (<variant>-seed<s> for other seeds; a finished run is not
+repeated); the table: validation strict accuracy per category at every evaluation, and the training reward (mean of
+the last 10 epochs).
 """
 import argparse
 import json
@@ -19,6 +28,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = 42  # the scripts' default training seed
 CATEGORIES = ("single_object", "colors", "two_object", "counting", "position", "color_attr")
 OLD = ["--balance-prompts-by", "", "--lr-schedule", "constant", "--ema-decay", "0.5"]  # the preset before issue 22
 SHORT = ["--lr-schedule", "constant", "--num-epochs", "100", "--eval-every", "20", "--eval-num-prompts", "240"]
@@ -33,6 +43,10 @@ VARIANTS = {  # name: flags added to `python grpo.py` (the shapes preset's value
     "window0-4": ["--sde-window-range", "0", "4"],  # train only the first 4 steps (the layout's)
     "window0-4-eta1": ["--sde-window-range", "0", "4", "--noise-level", "1.0"],
     "window4-in-0-8": ["--sde-window-size", "4", "--sde-window-range", "0", "8"],
+    # issue 30, on held-out training prompts (--split heldout)
+    "preset": [],
+    "window4": ["--sde-window-size", "4"],  # 4 trained steps of the first 6 per image instead of 2
+    "window6": ["--sde-window-size", "6"],  # all of the first 6
     # shorter exploratory runs (100 epochs, validation every 20 on 240 rows, constant learning rate)
     "short-lr1.5e-5": SHORT + ["--learning-rate", "1.5e-5"],
     "short-global-std": SHORT + ["--global-std"],
@@ -40,30 +54,40 @@ VARIANTS = {  # name: flags added to `python grpo.py` (the shapes preset's value
 }
 
 
-def write_validation(folder, rows_per_category=80, seed=22):
-    """train.jsonl as shipped; test.jsonl: rows_per_category rows of each category's training prompts."""
+def write_validation(folder, split="heldout", rows_per_category=80, seed=22):
+    """The validation dataset: rows_per_category test rows per category, from evaluation noise seeds the rollouts never
+    use. split "heldout": a quarter of each category's training prompts (at least one) is held out, as the test set is
+    held out of all prompts, and RL trains on the rest: validation measures generalisation to new combinations.
+    split "seen" (issue 22's): RL trains on all 65 rows and validation rows are those same prompts."""
     import numpy as np
     with open(os.path.join(ROOT, "datasets", "shapes", "train.jsonl")) as f:
         lines = f.read().splitlines()
     rows = [json.loads(line) for line in lines]
-    rng, out = np.random.default_rng(seed), []
+    rng, train, out = np.random.default_rng(seed), list(lines), []
     for tag in CATEGORIES:
         pool = [line for line, r in zip(lines, rows) if r["tag"] == tag]
+        if split == "heldout":
+            held = [pool[i] for i in rng.permutation(len(pool))[:max(1, round(len(pool) / 4))]]
+            train, pool = [line for line in train if line not in held], held
         out += [pool[i % len(pool)] for i in rng.permutation(rows_per_category)]
     os.makedirs(folder, exist_ok=True)
-    for name, text in (("train.jsonl", lines), ("test.jsonl", out)):
+    for name, text in (("train.jsonl", train), ("test.jsonl", out)):
         with open(os.path.join(folder, name), "w") as f:
             f.write("\n".join(text) + "\n")
 
 
-def run(name, args):
-    path = os.path.join(args.out, name)
+def run_path(out, name, seed):
+    return os.path.join(out, name if seed == SEED else f"{name}-seed{seed}")
+
+
+def run(name, seed, args):
+    path = run_path(args.out, name, seed)
     if summary(path, finished_only=True):
-        return print(f"{name}: done already", flush=True)
+        return print(f"{name} seed {seed}: done already", flush=True)
     cmd = [sys.executable, os.path.join(ROOT, args.script), "--dataset", os.path.join(args.out, "validation"),
-           "--allow-outside-data-paths", "--num-epochs", str(args.num_epochs),  # a variant's own --num-epochs wins "--eval-every", str(args.eval_every),
+           "--allow-outside-data-paths", "--num-epochs", str(args.num_epochs), "--eval-every", str(args.eval_every),
            "--eval-num-prompts", str(args.eval_num_prompts), "--save-every", str(args.num_epochs),
-           "--output-dir", path, "--overwrite", *VARIANTS[name]]
+           "--seed", str(seed), "--output-dir", path, "--overwrite", *VARIANTS[name]]
     print(" ".join(cmd[1:]), flush=True)
     os.makedirs(path, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -108,6 +132,31 @@ def evaluations(path):
     return [(r["epoch"] + 1, 100 * r["eval/shapes_strict/all"]) for r in rows if "eval/shapes_strict/all" in r]
 
 
+def mean_std(x, digits=1):
+    return f"{x.mean():.{digits}f} +- {x.std(ddof=1) if len(x) > 1 else 0.0:.{digits}f}"
+
+
+def spread(paths):
+    """Markdown: strict accuracy (%) per category of finished runs with different training seeds: the base, the final
+    evaluation, the best evaluation, final - best and final - base, each as mean +- std over the runs (std: n - 1)."""
+    import numpy as np
+    runs = []
+    for path in paths:
+        with open(os.path.join(path, "metrics.jsonl")) as f:
+            runs.append([json.loads(line) for line in f if "eval/shapes_strict/all" in line])
+    text = ["| strict accuracy (%) | base | final | best | final - best | final - base |", "|---|---|---|---|---|---|"]
+    for c in ("all",) + CATEGORIES:
+        acc = np.array([[100 * r[f"eval/shapes_strict/{c}"] for r in rows] for rows in runs])  # runs x evaluations
+        final, best, base = acc[:, -1], acc[:, 1:].max(1), acc[:, 0]
+        text.append(f"| {c} | {base[0]:.1f} | {mean_std(final)} | {mean_std(best)} | {mean_std(final - best)} "
+                    f"| {mean_std(final - base)} |")
+    dense = np.array([[r["eval/reward_shapes"] for r in rows] for rows in runs])
+    final, best, base = dense[:, -1], dense[:, 1:].max(1), dense[:, 0]
+    text.append(f"| dense reward | {base[0]:.3f} | {mean_std(final, 3)} | {mean_std(best, 3)} | "
+                f"{mean_std(final - best, 3)} | {mean_std(final - base, 3)} |")
+    return "\n".join(text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -117,33 +166,44 @@ def main():
     p.add_argument("--eval-num-prompts", type=int, default=480)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "levers"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[SEED], help="training seeds of each variant")
+    p.add_argument("--split", choices=("heldout", "seen"), default="heldout",
+                   help="heldout: validate on held-out training prompts; seen: on the training prompts (issue 22)")
+    p.add_argument("--out", default=None, help="default: bench/results/validation (heldout), .../levers (seen)")
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument("--spread", nargs="+", metavar="RUN", help="only print the seed-spread table of these finished runs")
     args = p.parse_args()
+    if args.spread:
+        return print(spread(args.spread))
+    args.out = args.out or os.path.join(ROOT, "bench", "results", "validation" if args.split == "heldout" else "levers")
     if not args.summarize_only:
-        write_validation(os.path.join(args.out, "validation"))
+        write_validation(os.path.join(args.out, "validation"), args.split)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for done in [pool.submit(run, v, args) for v in args.variants]:
+            for done in [pool.submit(run, v, s, args) for s in args.seeds for v in args.variants]:
                 done.result()
     head = ("| epochs | all | " + " | ".join(CATEGORIES) + " | dense | train reward |\n"
             + "|---" * (len(CATEGORIES) + 4) + "|")
     text = ["| variant | epochs run | base | best (epoch) | last | last - best |\n|---|---|---|---|---|---|"]
-    for v in args.variants:
-        evals = evaluations(os.path.join(args.out, v))
+    runs = [(v, s, f"{v}" if s == SEED else f"{v} (seed {s})") for v in args.variants for s in args.seeds]
+    for v, s, label in runs:
+        evals = evaluations(run_path(args.out, v, s))
         if len(evals) > 1:
             best = max(evals[1:], key=lambda e: e[1])
-            text.append(f"| {v} | {evals[-1][0]} | {evals[0][1]:.1f} | {best[1]:.1f} ({best[0]}) | {evals[-1][1]:.1f} "
-                        f"| {evals[-1][1] - best[1]:+.1f} |")
+            text.append(f"| {label} | {evals[-1][0]} | {evals[0][1]:.1f} | {best[1]:.1f} ({best[0]}) "
+                        f"| {evals[-1][1]:.1f} | {evals[-1][1] - best[1]:+.1f} |")
     text[-1] += "\n"
-    for v in args.variants:
-        rows = summary(os.path.join(args.out, v))
+    for v, s, label in runs:
+        rows = summary(run_path(args.out, v, s))
         if rows:
-            text.append(f"### {v}: `{shlex.join(VARIANTS[v]) or '(the preset)'}`\n\n{head}\n" + "\n".join(rows) + "\n")
+            text.append(f"### {label}: `{shlex.join(VARIANTS[v]) or '(the preset)'}`\n\n{head}\n" + "\n".join(rows)
+                        + "\n")
     text = "\n".join(text)
     with open(os.path.join(args.out, "levers.md"), "w") as f:
-        f.write("Validation strict accuracy (%) on the training prompts (80 rows per category, evaluation seeds the "
-                "rollouts never use), `python bench/shapes_levers.py`; epoch 0 is the base model; train reward: the "
-                f"mean of the last 10 epochs' rollouts\n\n{text}")
+        split = ("held-out training prompts (RL trains on the other 48 rows)" if args.split == "heldout"
+                 else "the training prompts")
+        f.write(f"Validation strict accuracy (%) on {split}, 80 rows per category, evaluation seeds the rollouts never "
+                f"use, `python bench/shapes_levers.py --split {args.split}`; epoch 0 is the base model; train reward: "
+                f"the mean of the last 10 epochs' rollouts\n\n{text}")
     print(text)
 
 
