@@ -8,7 +8,7 @@ Two validation splits (`--split`):
 - seen (issue 22): RL trains on all 65 rows and is validated on those same prompts. Runs: bench/results/levers.
 Validation rows use evaluation noise seeds the rollouts never use.
 
-    python bench/shapes_levers.py --variants preset window4      # two variants at once (1 thread each)
+    python bench/shapes_levers.py --variants window2 window4     # two variants at once (1 thread each)
     python bench/shapes_levers.py --variants window4 --seeds 1 2  # more training seeds of one
     python bench/shapes_levers.py --split seen --variants before balanced --jobs 1
     python bench/shapes_levers.py --summarize-only
@@ -44,8 +44,8 @@ VARIANTS = {  # name: flags added to `python grpo.py` (the shapes preset's value
     "window0-4-eta1": ["--sde-window-range", "0", "4", "--noise-level", "1.0"],
     "window4-in-0-8": ["--sde-window-size", "4", "--sde-window-range", "0", "8"],
     # issue 30, on held-out training prompts (--split heldout)
-    "preset": [],
-    "window4": ["--sde-window-size", "4"],  # 4 trained steps of the first 6 per image instead of 2
+    "window2": ["--sde-window-size", "2"],  # the preset of issue 22: 2 trained steps of the first 6 per image
+    "window4": ["--sde-window-size", "4"],  # 4 of them: the preset since issue 30
     "window6": ["--sde-window-size", "6"],  # all of the first 6
     # shorter exploratory runs (100 epochs, validation every 20 on 240 rows, constant learning rate)
     "short-lr1.5e-5": SHORT + ["--learning-rate", "1.5e-5"],
