@@ -49,19 +49,26 @@ def test_saved_lora_loads_into_the_stock_pipeline(name, variant, tmp_path):
     assert (after - want).abs().max() < 1e-5 and (after - before).abs().max() > 1e-3
 
 
+# beside grpo.py (SDE steps and their log-probs) and nft.py (the forward process on final latents), the two ways a
+# script uses a model: the other scripts, placed so that each meets a video model, a model with condition images and
+# at least three models in all (test_every_script_meets_several_models_of_each_kind); video models take two
+OTHERS = {"flux1-kontext": ("dgpo",), "sd3_5": ("dppo",), "z-image": ("dpo",), "qwen-image": ("awm",),
+          "qwen-image-edit-plus": ("crd",), "qwen-image-2.1": ("grpo_guard",), "flux2": ("crd",),
+          "flux2-klein": ("dgpo",), "wan2_t2v": ("dgpo", "crd"), "wan2_i2v": ("grpo_guard", "awm"),
+          "ltx2": ("grpo_guard", "awm"), "ltx2_i2v": ("dppo", "dpo")}
+
+
 def scripts_for(name) -> tuple[str, ...]:
-    """Every script on flux1; on every other model grpo.py (SDE steps and their log-probs) and nft.py (the forward
-    process on final latents), the two ways a script uses a model, plus two of the other scripts in turn, so that each
-    meets several models of every kind within the suite's time budget. FLOW_RL_ALL_PAIRS=1: every script on every
-    model (run before a release; all pairs passed when the last script or model was added)."""
+    """Every script on flux1; on every other model grpo.py, nft.py and its OTHERS, within the suite's time budget.
+    FLOW_RL_ALL_PAIRS=1: every script on every model (run before a release; all pairs passed when the last script or
+    model was added)."""
     if name == "flux1" or os.environ.get("FLOW_RL_ALL_PAIRS"):
         return ALGORITHMS
-    others = [s for s in ALGORITHMS if s not in ("grpo", "nft")]
-    i = MODEL_NAMES.index(name)
-    return ("grpo", "nft", others[2 * i % len(others)], others[(2 * i + 1) % len(others)])
+    return ("grpo", "nft", *OTHERS[name])
 
 
 def test_every_script_meets_several_models_of_each_kind():
+    assert set(OTHERS) == set(MODEL_NAMES) - {"flux1"}  # a new model gets its entry
     for script in ALGORITHMS:
         met = [m for m in MODEL_NAMES if script in scripts_for(m)]
         assert any(models.adapter_class(m).video for m in met), script
