@@ -3,7 +3,7 @@ per second, peak memory and measured activation memory per model (issues 13 and 
 it stops with one line.
 
     python bench/gpu.py               # the GPU check: FLUX.1, SD3.5-M, Wan2.1-1.3B, Qwen-Image; 8 min on an H200
-    python bench/gpu.py --peers       # Qwen-Image and SD3.5-M at published peers' settings: peers.md
+    python bench/gpu.py --peers       # Qwen-Image and SD3.5-M at published peers' settings: the peers table
     python bench/gpu.py --models all --total-budget-s 7200   # every architecture, smallest first
     python bench/gpu.py --models flux1 wan2_t2v:2.1-1.3b --budget-s 600
 
@@ -37,7 +37,7 @@ model:
   bench/results/hardware.md              the short table of the README (bench/results/hardware.md's format)
   bench/results/activation_memory.json   activation memory = the second epoch's peak (encoders off the GPU, optimizer
                                          state allocated) minus memory_plan's static training bytes; `--plan` reads it
-  bench/results/peers.md                 --peers: samples per second per GPU beside the peers' published figures (not
+  PEERS_TABLE in bench/results          --peers: samples per second per GPU beside the peers' published figures (not
                                          in the repository until a GPU run writes it)
   bench/results/gpu_logs/<model>.log     each run's output
 """
@@ -54,6 +54,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "bench", "results")
+PEERS_TABLE = "peers.md"  # the table --peers writes beside the hardware table (no GPU run has written it yet)
 # `--models all`: one variant per architecture (z-image base, qwen-image original, klein base, Wan I2V 720P and
 # Qwen-Image-Edit-2509 share one); sorted smallest first at run time
 ALL_MODELS = ("flux1", "flux1-kontext", "sd3_5:medium", "sd3_5:large", "z-image:turbo", "qwen-image:2512",
@@ -413,7 +414,8 @@ def write_results(records, out_dir=RESULTS):
 
 
 def write_peers(records, out_dir=RESULTS):
-    """peers.md: each --peers record's samples per second beside the peer's published images per GPU per second."""
+    """The peers table (PEERS_TABLE): each --peers record's samples per second beside the peer's published images
+    per GPU per second."""
     lines = ["# Per GPU, at a peer's settings (bench/gpu.py --peers)", "",
              "Ours: one GPU, random full-size weights, 2 prompts x K samples, the second of two GRPO epochs; the "
              "peers' figures are published ones (the peer column names each source).", "",
@@ -426,7 +428,7 @@ def write_peers(records, out_dir=RESULTS):
                      f"{'-' if ours is None else f'{ours:.3f}'} | {peer.name} ({peer.source}) | "
                      f"{peer.images_per_gpu_s:.3f} | {'-' if ours is None else f'{ours / peer.images_per_gpu_s:.2f}x'}"
                      f" | {r['status']} |")
-    with open(os.path.join(out_dir, "peers.md"), "w") as f:
+    with open(os.path.join(out_dir, PEERS_TABLE), "w") as f:
         f.write("\n".join(lines) + "\n")
     return lines
 
@@ -503,7 +505,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", help="MODEL or MODEL:VARIANT, or `all` (every architecture); default: "
                    f"{' '.join(BUDGETS_S)}")
     p.add_argument("--peers", action="store_true", help="Qwen-Image and SD3.5-Medium at published peers' settings "
-                   "(peers.md); ignores --models")
+                   "(the peers table); ignores --models")
     p.add_argument("--budget-s", type=float, help="wall-clock seconds per model: worker start, build, 2 epochs, "
                    f"floors (default: the model's in BUDGETS_S, with --peers in PEERS, else {OTHER_BUDGET_S})")
     p.add_argument("--total-budget-s", type=float, default=TOTAL_BUDGET_S, help="wall-clock seconds of the whole "
@@ -546,7 +548,7 @@ def main(argv=None):
         print(f"{spec}: {rec['status']}", flush=True)
     if a.peers:
         print("\n".join(lines))
-    names = ("peers.md",) if a.peers else ("gpu.md", "hardware.md", "activation_memory.json")
+    names = (PEERS_TABLE,) if a.peers else ("gpu.md", "hardware.md", "activation_memory.json")
     print(f"wrote {', '.join(os.path.join(a.out, n) for n in names)}")
 
 

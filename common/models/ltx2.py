@@ -79,7 +79,7 @@ SCHEDULER_CONFIG = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.
 
 # --variant -> hub id. 2.0: Lightricks/LTX-2 holds the diffusers folders beside the original files. 2.3:
 # Lightricks/LTX-2.3 holds only the original single-file checkpoints (ltx-2.3-22b-dev.safetensors, ...); the
-# diffusers-format copy that diffusers' own LTX-2 pipeline docs load (api/pipelines/ltx2.md) is the one named here
+# diffusers-format copy that diffusers' own LTX-2 pipeline documentation loads is the one named here
 VARIANTS = {"2.0": "Lightricks/LTX-2", "2.3": "diffusers/LTX-2.3-Diffusers"}
 
 # ---- full-size architectures (common/plan.py) ------------------------------------------------------------------------
