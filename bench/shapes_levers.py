@@ -142,8 +142,14 @@ def spread(paths):
     import numpy as np
     runs = []
     for path in paths:
-        with open(os.path.join(path, "metrics.jsonl")) as f:
-            runs.append([json.loads(line) for line in f if "eval/shapes_strict/all" in line])
+        try:
+            with open(os.path.join(path, "metrics.jsonl")) as f:
+                runs.append([json.loads(line) for line in f if "eval/shapes_strict/all" in line])
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --spread {path}: no readable metrics.jsonl ({e.__class__.__name__})")
+    if len({len(rows) for rows in runs}) != 1 or len(runs[0]) < 2:
+        sys.exit(f"error: --spread: the runs need the same evaluations, at least two each; they have "
+                 f"{[len(rows) for rows in runs]}")
     text = ["| strict accuracy (%) | base | final | best | final - best | final - base |", "|---|---|---|---|---|---|"]
     for c in ("all",) + CATEGORIES:
         acc = np.array([[100 * r[f"eval/shapes_strict/{c}"] for r in rows] for rows in runs])  # runs x evaluations
